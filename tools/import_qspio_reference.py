@@ -1,0 +1,109 @@
+"""Build ``configs/params/qspio_example1.yaml`` from the SimBiology export in ``shared/reference/qspio``.
+
+Run once by hand (``python tools/import_qspio_reference.py``); the YAML it writes is committed. It
+keeps every parameter that the reference equations use, with its value and unit as exported, and
+attaches the description and source from ``parameters_with_sources.csv`` (whose names are the
+generic QSP-IO names: ``k_C_growth`` for ``k_C1_growth`` and so on). The qspiopy tuning parameters
+in the export (``geom_*``, ``pd1_occ_*``, ``tcell_alignment_*``...) are not used by the equations
+and are left out.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+REF = REPO.parent / "shared" / "reference" / "qspio" / "example1"
+OUT = REPO / "configs" / "params" / "qspio_example1.yaml"
+
+# names in the model export -> generic QSP-IO names in parameters_with_sources.csv
+ALIASES = {
+    "k_C1_growth": "k_C_growth", "k_C1_death": "k_C_death", "div_T1": "div", "div_T0": "div_Treg",
+    "n_T1_clones": "n_clones", "n_T0_clones": "n_clones_Treg", "q_LN_T1_in": "q_LN_in",
+    "q_T1_LN_out": "q_LN_out", "q_LN_T0_in": "q_LN_in", "q_T0_LN_out": "q_LN_out",
+    "k_T1_act": "k_act", "k_T0_act": "k_act_Treg", "k_T1_pro": "k_pro", "k_T0_pro": "k_pro_Treg",
+    "k_T1_death": "k_death", "k_T0_death": "k_death_Treg", "q_T1_P_in": "q_P_in",
+    "q_T0_P_in": "q_P_in_Treg", "q_T1_P_out": "q_P_out", "q_T0_P_out": "q_P_out_Treg",
+    "q_T1_T_in": "q_T_in", "q_T0_T_in": "q_T_in_Treg", "Q_nT1_thym": "Q_nT_thym",
+    "Q_nT0_thym": "Q_nT_thym_Treg", "k_nT1_pro": "k_nT_pro", "k_nT0_pro": "k_nT_pro_Treg",
+    "K_nT1_pro": "K_nT_pro", "K_nT0_pro": "K_nT_pro", "k_nT1_death": "k_nT_death",
+    "k_nT0_death": "k_nT_death", "k_T1": "k_Tcell", "k_C_T1": "k_C_Tcell",
+    "k_P0_up": "k_up", "k_P1_up": "k_up", "k_xP0_deg": "k_xP_deg", "k_xP1_deg": "k_xP_deg",
+    "k_P0_deg": "k_P_deg", "k_P1_deg": "k_P_deg", "k_p0_deg": "k_p_deg", "k_p1_deg": "k_p_deg",
+    "k_P0_on": "k_on", "k_P1_on": "k_on", "p0_50": "p_50", "p1_50": "p_50",
+    "k_M1p0_TCR_on": "k_TCR_on", "k_M1p0_TCR_off": "k_TCR_off", "k_M1p1_TCR_on": "k_TCR_on",
+    "k_M1p1_TCR_off": "k_TCR_off", "k_M1p1_TCR_p": "k_TCR_p", "phi_M1p1_TCR": "phi_TCR",
+    "N_M1p1_TCR": "N_TCR", "TCR_p0_tot": "TCR_tot", "TCR_p1_tot": "TCR_tot",
+    "gamma_P_nivolumab": "gamma_P", "gamma_T_nivolumab": "gamma_T",
+}
+
+
+def main() -> None:
+    equations = (REF / "equations.txt").read_text() + (REF / "rules.csv").read_text()
+    used = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", equations))
+    with open(REF / "parameters_with_sources.csv") as fh:
+        sources = {row["name"]: row for row in csv.DictReader(fh)}
+    with open(REF / "parameters.csv") as fh:
+        exported = [row for row in csv.DictReader(fh) if row["constant_value"].lower() == "true"]
+    compartments = list(csv.DictReader(open(REF / "compartments.csv")))
+    params: dict[str, dict] = {}
+    for row in compartments:
+        if row["constant"] == "true" and row["name"] != "syn_T1_C1":  # synapse area cancels out
+            params[row["name"]] = _entry(row["name"], float(row["capacity"]), row["units"], sources)
+    for row in exported:
+        name = row["name"]
+        if name not in used or name in ("cell", "day", "A_syn", "A_APC"):
+            continue
+        params[name] = _entry(name, float(row["value"]), row["units"], sources)
+    # Initial totals of checkpoint molecules are initial-assignment inputs, not constants in the export.
+    for row in csv.DictReader(open(REF / "parameters.csv")):
+        if row["name"] in ("T_PD1_total", "C_PDL1_total", "C_PDL2_total"):
+            params[row["name"]] = _entry(row["name"], float(row["value"]), row["units"], sources)
+    params["molecular_weight_nivolumab"] = {
+        "value": 143600.0, "unit": "gram/mole",
+        "meaning": "Molecular weight of nivolumab (dose in mg -> moles)",
+        "source": "reproduces the exported solution: 210 mg in V_C = 5 L gives 2.92479e-7 M at t = 0 "
+                  "(shared/reference/qspio/example1_treated_simbiology.csv)",
+        "assumed": False,
+    }
+    species = []
+    for row in csv.DictReader(open(REF / "species.csv")):
+        species.append({"id": row["identifier"], "value": float(row["initial_amount"]), "unit": row["units"]})
+    doc = {
+        "description": "QSP-IO NSCLC model with nivolumab, as exported from MATLAB SimBiology "
+                       "(shared/reference/qspio/example1; public repository albertcyhe/qspiopy). "
+                       "Units are those of the export; qspjax converts them on load.",
+        "source": "shared/reference/qspio/example1/{parameters,compartments,species}.csv; descriptions and "
+                  "literature sources from parameters_with_sources.csv",
+        "parameters": params,
+        "drugs": {"nivolumab": {"target": "PD1"}},
+        "initial_state": species,
+    }
+    OUT.write_text("# Generated by tools/import_qspio_reference.py from the SimBiology export; edit by re-running it.\n"
+                   + yaml.safe_dump(doc, sort_keys=False, width=110))
+    print(f"wrote {OUT} ({len(params)} parameters, {len(species)} species)")
+
+
+def _entry(name: str, value: float, unit: str, sources: dict) -> dict:
+    src = sources.get(name) or sources.get(ALIASES.get(name, ""))
+    out = {"value": value, "unit": unit}
+    if src:
+        out["meaning"] = src["description"]
+        origin = src["source"].strip()
+        if origin == "derived":
+            origin = f"derived from {src['derived_from']} as {src['expression']}"
+        out["source"] = origin or "QSP-IO export"
+        out["assumed"] = origin.lower().startswith("estimated")
+    else:
+        out["meaning"] = "see QSP-IO (Sove et al. 2020, CPT Pharmacometrics Syst Pharmacol 9:484)"
+        out["source"] = "shared/reference/qspio/example1/parameters.csv"
+        out["assumed"] = False
+    return out
+
+
+if __name__ == "__main__":
+    main()
