@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     except QSPValidationError as exc:
         print(f"qspjax: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a failed run, not bad input: say so, still without a traceback
+        from qspjax.runner import CohortFailure
+
+        if isinstance(exc, CohortFailure):
+            print(f"qspjax: run failed: {exc}", file=sys.stderr)
+            return 3
+        raise
 
 
 if __name__ == "__main__":

@@ -207,8 +207,8 @@ def grow_to_baseline(model: QSPModel, y_seed: State, target_diameter_cm, config:
     """
     system = _flat_system(model, y_seed)
 
-    def cond_fn(t, z, args, **kwargs):
-        y = system.unravel(z * system.scale)
+    def cond_fn(t, y, args, **kwargs):
+        y = system.unravel(y * system.scale)
         return jnp.max(diameter_from_volume(model.lesion_volume(y))) - target_diameter_cm
 
     import optimistix as optx

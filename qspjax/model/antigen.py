@@ -130,8 +130,8 @@ class AntigenPresentation(eqx.Module):
         proofreading = koff / (koff + phi) * (kp / (koff + kp)) ** p["N_M1p1_TCR"]
         ptcr1 = proofreading * self._tcr_engagement(y["M1p1_s"], "1", p["n_T1_clones"])
         return {
-            "P0_T": self.tumor_antigen_steady(y, aux, "0"),
-            "P1_T": self.tumor_antigen_steady(y, aux, "1"),
+            "P0_T": aux["P0_T"] if "P0_T" in aux else self.tumor_antigen_steady(y, aux, "0"),
+            "P1_T": aux["P1_T"] if "P1_T" in aux else self.tumor_antigen_steady(y, aux, "1"),
             "H_APC": h_apc,
             "H_mAPC": h_mapc,
             "pTCR_p0_MHC_tot": ptcr0,

@@ -122,7 +122,7 @@ class Checkpoints(eqx.Module):
 
     def assign(self, y: State, aux: dict) -> dict:
         p = self.p
-        syn = self.synapse_equilibrium(y["pdl1_rt"], aux["aPD1"], aux["aPDL1"])
+        syn = aux["synapse"] if "synapse" in aux else self.synapse_equilibrium(y["pdl1_rt"], aux["aPD1"], aux["aPDL1"])
         kd_ctla4 = p["koff_CTLA4_aCTLA4"] / p["kon_CTLA4_aCTLA4"]
         occ_ln = aux["aCTLA4_LN"] / (aux["aCTLA4_LN"] + kd_ctla4)
         occ_t = aux["aCTLA4_T"] / (aux["aCTLA4_T"] + kd_ctla4)

@@ -118,16 +118,22 @@ class QSPModel(eqx.Module):
         return {k: jnp.full(self.state_shape(s), s.typical) for k, s in self.state_specs().items()}
 
     # --- right-hand side ------------------------------------------------------------------------
-    def assignments(self, y: State) -> dict:
-        """QSP-IO's repeated assignments (volumes, Hill signals, drug availability...)."""
-        aux: dict = {}
+    def assignments(self, y: State, overrides: dict | None = None) -> dict:
+        """QSP-IO's repeated assignments (volumes, Hill signals, drug availability...).
+
+        ``overrides`` fixes algebraic quantities instead of solving for them (``synapse``,
+        ``IL2_LN``, ``P0_T``, ``P1_T``): used to evaluate the model at a non-equilibrium state
+        such as SimBiology's t = 0, where nothing is bound yet.
+        """
+        aux: dict = dict(overrides or {})
         for name, _ in _MODULES:
-            aux |= getattr(self, name).assign(y, aux)
+            new = getattr(self, name).assign(y, aux)
+            aux |= {k: v for k, v in new.items() if k not in (overrides or {})}
         return aux
 
-    def rates(self, y: State) -> State:
+    def rates(self, y: State, overrides: dict | None = None) -> State:
         """dy/dt for every state, in internal units per day."""
-        aux = self.assignments(y)
+        aux = self.assignments(y, overrides)
         out = {k: jnp.zeros_like(v) for k, v in y.items()}
         for name, _ in _MODULES:
             for k, v in getattr(self, name).rates(y, aux).items():

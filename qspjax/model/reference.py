@@ -37,22 +37,18 @@ def state_from_species(model: QSPModel, species: Mapping[str, float], drug: str 
 
     Species qspjax holds at quasi-steady state (:data:`QSS_SPECIES`) are not states and are skipped.
     """
-    y = {k: np.array(v) for k, v in model.zeros().items()}
+    y = model.zeros()
     d = model.drugs.index(drug) if drug in model.drugs else None
     for sid, value in species.items():
         if sid in QSS_SPECIES:
             continue
         name = SPECIES_TO_STATE[sid]
         if name.startswith("ab_"):
-            if d is None:
-                continue
-            if name == "ab_T":
-                y[name][d, :] = value
-            else:
-                y[name][d] = value
+            if d is not None:
+                y[name] = y[name].at[d].set(value)
         else:
-            y[name][...] = value
-    return {k: jnp.asarray(v, dtype=float) for k, v in y.items()}
+            y[name] = jnp.full_like(y[name], value)
+    return y
 
 
 def species_from_state(model: QSPModel, y: State, lesion: int = 0, drug: str = "nivolumab") -> dict[str, float]:
@@ -72,6 +68,11 @@ def species_from_state(model: QSPModel, y: State, lesion: int = 0, drug: str = "
         v = aux["synapse"][key] if sid.startswith("syn_") else aux[key]
         out[sid] = float(np.ravel(np.asarray(v))[lesion if np.size(v) > 1 else 0])
     return out
+
+
+SIMBIOLOGY_COLUMNS = ("cancer_cells", "dead_cells", "t_cells", "tumour_volume_l", "tumour_diameter_cm",
+                      "pd1_occupancy", "tcell_density_per_ul", "drug_plasma_molar", "drug_tumor_molar",
+                      "cd8_tumor_cells", "treg_tumor_cells")
 
 
 def simbiology_columns(model: QSPModel, y: State, lesion: int = 0, drug: str = "nivolumab") -> dict:

@@ -97,7 +97,7 @@ class TCells(eqx.Module):
 
     def assign(self, y: State, aux: dict) -> dict:
         p = self.p
-        il2 = self.il2_steady(y)
+        il2 = aux["IL2_LN"] if "IL2_LN" in aux else self.il2_steady(y)
         return {"IL2_LN": il2, "N_aT": p["N0"] + p["N_IL2"] * il2 / (p["IL2_50"] + il2)}
 
     def _naive_and_expansion(self, y: State, aux: dict, t: str, priming) -> dict:

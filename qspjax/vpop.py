@@ -1,0 +1,273 @@
+"""Virtual populations: patient parameters, baseline tumors and PD-L1 classes.
+
+Population parameters (medians and spreads on an unconstrained scale) form a pytree that
+calibration differentiates through; the standard-normal draws are fixed per seed (common random
+numbers), so a cohort is a smooth function of them. Baseline tumors are grown from a seed to each
+patient's baseline diameter by the untreated model (``qspjax.simulate.grow_to_baseline``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from scipy.special import ndtri
+from scipy.stats import qmc
+
+from qspjax.errors import QSPValidationError
+from qspjax.model.composer import QSPModel, module_param_specs
+from qspjax.model.reference import state_from_species
+from qspjax.params import PARAMS_DIR, ParameterSet
+from qspjax.simulate import SolverConfig, grow_to_baseline, untreated_seed_state
+
+DEFAULT_POPULATION_FILE = PARAMS_DIR / "population.yaml"
+TPS_CLASSES = ("lt1", "1to49", "ge50")
+DISTRIBUTIONS = ("lognormal", "logitnormal")
+
+
+@dataclass(frozen=True)
+class PopulationSpec:
+    """Which parameters vary and how; baseline tumor and PD-L1 distributions."""
+
+    distributions: dict[str, str]
+    cv: dict[str, float]
+    diameter_median_cm: float = 3.0
+    diameter_cv: float = 0.4
+    diameter_min_cm: float = 1.0
+    diameter_max_cm: float = 10.0
+    second_lesion_median: float = 0.6
+    second_lesion_cv: float = 0.4
+    tps_probabilities: tuple[float, float, float] = (0.33, 0.37, 0.30)
+    tps_multipliers: tuple[float, float, float] = (0.1, 1.0, 3.0)
+    source: str = ""
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.distributions)
+
+
+def load_population(path: str | Path | None = None) -> PopulationSpec:
+    """Read and validate a population file (default ``configs/params/population.yaml``)."""
+    path = Path(path) if path is not None else DEFAULT_POPULATION_FILE
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise QSPValidationError(path, "(file)", str(path), f"cannot be read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise QSPValidationError(path, "(file)", str(path), f"is not valid YAML: {exc}") from None
+    if not isinstance(doc, Mapping):
+        raise QSPValidationError(path, "(top level)", doc, "a mapping is required")
+    unknown = set(doc) - {"description", "variability", "baseline"}
+    if unknown:
+        k = sorted(unknown)[0]
+        raise QSPValidationError(path, k, doc[k], "unknown key; allowed: description, variability, baseline")
+    specs = module_param_specs()
+    dists, cvs = {}, {}
+    for name, entry in (doc.get("variability") or {}).items():
+        where = f"variability.{name}"
+        if name not in specs:
+            raise QSPValidationError(path, where, name, "not a model parameter")
+        if not isinstance(entry, Mapping):
+            raise QSPValidationError(path, where, entry, "a mapping with distribution and cv is required")
+        dist = entry.get("distribution", "lognormal")
+        if dist not in DISTRIBUTIONS:
+            raise QSPValidationError(path, f"{where}.distribution", dist, f"allowed values are {list(DISTRIBUTIONS)}")
+        cv = entry.get("cv")
+        if isinstance(cv, bool) or not isinstance(cv, (int, float)) or not (0 <= cv < 10) or not math.isfinite(cv):
+            raise QSPValidationError(path, f"{where}.cv", cv, "a number in [0, 10) is required")
+        dists[name], cvs[name] = dist, float(cv)
+    base = doc.get("baseline") or {}
+    diam = base.get("diameter_cm", {})
+    second = base.get("second_lesion_ratio", {})
+    tps = base.get("pdl1_tps", {})
+    probs = tps.get("probabilities", {"lt1": 0.33, "1to49": 0.37, "ge50": 0.30})
+    mults = tps.get("pdl1_multiplier", {"lt1": 0.1, "1to49": 1.0, "ge50": 3.0})
+    for key, mapping in (("probabilities", probs), ("pdl1_multiplier", mults)):
+        if set(mapping) != set(TPS_CLASSES):
+            raise QSPValidationError(path, f"baseline.pdl1_tps.{key}", sorted(mapping), f"keys must be {list(TPS_CLASSES)}")
+    p = tuple(float(probs[c]) for c in TPS_CLASSES)
+    if any(x < 0 for x in p) or abs(sum(p) - 1.0) > 1e-6:
+        raise QSPValidationError(path, "baseline.pdl1_tps.probabilities", probs, "non-negative and summing to 1")
+    return PopulationSpec(
+        dists, cvs,
+        float(diam.get("median", 3.0)), float(diam.get("cv", 0.4)),
+        float(diam.get("min", 1.0)), float(diam.get("max", 10.0)),
+        float(second.get("median", 0.6)), float(second.get("cv", 0.4)),
+        p, tuple(float(mults[c]) for c in TPS_CLASSES), str(doc.get("description", "")),
+    )
+
+
+class PopulationParams(eqx.Module):
+    """Population means (``loc``, on the log or logit scale) and spreads (``log_sd``) per parameter.
+
+    This is the pytree calibration and inference act on.
+    """
+
+    loc: dict[str, jax.Array]
+    log_sd: dict[str, jax.Array]
+
+
+def _lognormal_sd(cv: float) -> float:
+    return math.sqrt(math.log1p(cv * cv))
+
+
+def population_params(spec: PopulationSpec, params: ParameterSet) -> PopulationParams:
+    """The population pytree centred on ``params`` (the medians) with the spec's spreads."""
+    loc, log_sd = {}, {}
+    for name in spec.names:
+        median = params.values[name]
+        if spec.distributions[name] == "logitnormal":
+            if not 0.0 < median < 1.0:
+                raise QSPValidationError("population", f"variability.{name}", median, "logitnormal needs a median in (0, 1)")
+            loc[name] = jnp.asarray(math.log(median / (1.0 - median)))
+        else:
+            if median <= 0.0:
+                raise QSPValidationError("population", f"variability.{name}", median, "lognormal needs a median > 0")
+            loc[name] = jnp.asarray(math.log(median))
+        log_sd[name] = jnp.asarray(math.log(max(_lognormal_sd(spec.cv[name]), 1e-12)))
+    return PopulationParams(loc, log_sd)
+
+
+@dataclass
+class Draws:
+    """Fixed standard-normal and uniform draws of a cohort (common random numbers)."""
+
+    z: np.ndarray  # (n, n_params) standard normal for the varied parameters
+    z_diameter: np.ndarray  # (n,)
+    z_second: np.ndarray  # (n,)
+    u_tps: np.ndarray  # (n,) uniform for the PD-L1 class
+    seed: int
+    names: tuple[str, ...] = field(default_factory=tuple)
+
+
+def draw(spec: PopulationSpec, n: int, seed: int) -> Draws:
+    """Scrambled-Sobol quasi-random draws for ``n`` patients from ``seed``."""
+    if n <= 0:
+        raise QSPValidationError("command line", "--patients", n, "must be a positive integer")
+    dim = len(spec.names) + 3
+    sobol = qmc.Sobol(d=dim, scramble=True, seed=np.random.default_rng(seed))
+    m = max(1, math.ceil(math.log2(n)))
+    u = sobol.random_base2(m)[:n]
+    u = np.clip(u, 1e-12, 1 - 1e-12)
+    z = ndtri(u)
+    k = len(spec.names)
+    return Draws(z[:, :k], z[:, k], z[:, k + 1], u[:, k + 2], seed, spec.names)
+
+
+def patient_values(spec: PopulationSpec, pop: PopulationParams, draws: Draws) -> dict[str, jax.Array]:
+    """Per-patient values (n,) of the varied parameters; differentiable in ``pop``."""
+    out = {}
+    for j, name in enumerate(spec.names):
+        x = pop.loc[name] + jnp.exp(pop.log_sd[name]) * jnp.asarray(draws.z[:, j])
+        out[name] = jax.nn.sigmoid(x) if spec.distributions[name] == "logitnormal" else jnp.exp(x)
+    return out
+
+
+def baseline(spec: PopulationSpec, draws: Draws) -> dict[str, np.ndarray]:
+    """Baseline diameter (cm) of the index lesion, second-lesion size ratio and PD-L1 class."""
+    d = spec.diameter_median_cm * np.exp(_lognormal_sd(spec.diameter_cv) * draws.z_diameter)
+    d = np.clip(d, spec.diameter_min_cm, spec.diameter_max_cm)
+    ratio = spec.second_lesion_median * np.exp(_lognormal_sd(spec.second_lesion_cv) * draws.z_second)
+    cum = np.cumsum(spec.tps_probabilities)
+    tps = np.minimum(np.searchsorted(cum, draws.u_tps, side="right"), len(TPS_CLASSES) - 1)
+    return {"diameter_cm": d, "second_lesion_ratio": ratio, "tps_class": tps,
+            "pdl1_multiplier": np.asarray(spec.tps_multipliers)[tps]}
+
+
+class Cohort(eqx.Module):
+    """A batch of virtual patients: a batched model, their baseline and the state at baseline."""
+
+    model: QSPModel
+    y0: dict
+    status: jax.Array
+    growth_days: jax.Array
+    baseline_diameter_cm: jax.Array
+    tps_class: jax.Array
+
+
+def build_models(params: ParameterSet, values: Mapping[str, jax.Array], n: int, drugs, n_lesions: int,
+                 pdl1_multiplier=None) -> QSPModel:
+    """A batched model: nominal ``params`` with per-patient ``values`` (n,) substituted."""
+    nominal = QSPModel.from_values(params.model_values(), drugs=tuple(drugs), n_lesions=n_lesions)
+    batched = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), nominal)
+
+    def put(module, name, value):
+        if name in module.p:
+            return eqx.tree_at(lambda m: m.p[name], module, value)
+        return module
+
+    for name, value in values.items():
+        for attr in ("pk", "checkpoint", "cancer", "antigen", "tcells", "rt"):
+            batched = eqx.tree_at(lambda m: getattr(m, attr), batched, put(getattr(batched, attr), name, value))
+        if name in batched.patient:
+            batched = eqx.tree_at(lambda m: m.patient[name], batched, value)
+    if pdl1_multiplier is not None:
+        base = batched.checkpoint.p["C_PDL1_total"]
+        batched = eqx.tree_at(lambda m: m.checkpoint.p["C_PDL1_total"], batched, base * jnp.asarray(pdl1_multiplier))
+    return batched
+
+
+def make_cohort(
+    params: ParameterSet,
+    n: int,
+    seed: int,
+    drugs=("nivolumab",),
+    n_lesions: int = 2,
+    spec: PopulationSpec | None = None,
+    pop: PopulationParams | None = None,
+    variability: bool = True,
+    config: SolverConfig = SolverConfig(),
+    subset: slice | None = None,
+) -> Cohort:
+    """Sample ``n`` patients from ``seed`` and grow each one's tumor to its baseline diameter.
+
+    With ``variability=False`` every patient has the nominal parameters and the parameter file's
+    baseline diameter; a patient whose growth fails is kept and flagged in ``status``. ``subset``
+    selects patients of the ``n`` drawn (chunked runs draw the whole cohort once).
+    """
+    spec = spec or load_population()
+    pop = pop or population_params(spec, params)
+    draws = draw(spec, n, seed)
+    if subset is not None:
+        draws = Draws(draws.z[subset], draws.z_diameter[subset], draws.z_second[subset], draws.u_tps[subset],
+                      draws.seed, draws.names)
+        n = len(draws.z_diameter)
+    base = baseline(spec, draws)
+    if variability:
+        values = patient_values(spec, pop, draws)
+        diameter = base["diameter_cm"]
+        ratio = base["second_lesion_ratio"]
+        mult = base["pdl1_multiplier"]
+    else:
+        values = {}
+        diameter = np.full(n, params.values["initial_tumour_diameter"])
+        ratio = np.full(n, spec.second_lesion_median)
+        mult = None
+    models = build_models(params, values, n, drugs, n_lesions, mult)
+    y0, status, days = grow_cohort(models, params, jnp.asarray(diameter), jnp.asarray(ratio), config)
+    return Cohort(models, y0, status, days, jnp.asarray(diameter), jnp.asarray(base["tps_class"]))
+
+
+def grow_cohort(models: QSPModel, params: ParameterSet, diameter_cm, second_ratio, config: SolverConfig):
+    """Pre-treatment growth of every patient of a batched model to its baseline diameter."""
+    return _grow_jit(models, params.initial_state, diameter_cm, second_ratio, config)
+
+
+@eqx.filter_jit
+def _grow_jit(models, species, diameter_cm, second_ratio, config):
+    def one(model, d, ratio):
+        ref = state_from_species(model, species)
+        seed_state = untreated_seed_state(model, ref)
+        if model.n_lesions > 1:
+            # Lesion sizes follow from their seed cell counts (same growth law per patient).
+            seed_state["C1"] = seed_state["C1"].at[1].multiply(ratio**3)
+        return grow_to_baseline(model, seed_state, d, config)
+
+    return jax.vmap(one)(models, diameter_cm, second_ratio)
