@@ -69,7 +69,8 @@ def sum_of_diameters(
     d = np.asarray(diameters_mm, dtype=float)
     if d.ndim == 2:
         return d
-    mask = np.ones(d.shape[:2], bool) if target_mask is None else np.broadcast_to(np.asarray(target_mask, bool), d.shape[:2])
+    mask = (np.ones(d.shape[:2], bool) if target_mask is None
+            else np.broadcast_to(np.asarray(target_mask, bool), d.shape[:2]))
     # where, not multiply: a non-target lesion with a NaN diameter must not poison the sum
     return np.where(mask[..., None], d, 0.0).sum(axis=1)
 
@@ -537,24 +538,30 @@ def summarise(
 # =============================================================================================
 # Smooth, differentiable versions (jax.numpy)
 # =============================================================================================
-def soft_min(x: Float[Array, "..."], temperature: float, axis: int = -1) -> Float[Array, "..."]:
-    """-τ log Σ exp(-x/τ): a smooth lower bound of min(x) within τ log(n) of it."""
-    return -temperature * jax.nn.logsumexp(-x / temperature, axis=axis)
+class _SoftCourse(NamedTuple):
+    """Soft RECIST course of a cohort, from one scan over the assessments."""
+
+    days: np.ndarray  # (A,) assessment days relative to day 0: fixed data
+    no_progression_through: Array  # (P, A) P(no PD at this or any earlier assessment)
+    ever_complete: Array  # (P,) P(a CR before PD)
+    ever_response: Array  # (P,) P(a CR or PR before PD)
+    ever_control: Array  # (P,) P(a CR/PR, or a non-PD read from sd_min_days on, before PD)
 
 
-class _SoftReads(NamedTuple):
-    days: np.ndarray  # (A,) assessment days, fixed data
-    progression: Array  # (P, A) soft indicator of PD at each assessment
-    complete: Array  # (P, A) soft indicator of CR (ignoring PD, which is applied separately)
-    response: Array  # (P, A) soft indicator of CR or PR
+def _soft_course(times_days, diameters_mm, target_mask, status_ok, temperature, assessment_interval_days,
+                 assessment_days, cr_threshold_mm, sd_min_days) -> _SoftCourse:
+    """Soft indicators of PD, CR and PR at each assessment, combined along the course.
 
-
-def _soft_reads(times_days, diameters_mm, target_mask, status_ok, temperature,
-                assessment_interval_days, assessment_days, cr_threshold_mm) -> _SoftReads:
-    """Soft RECIST indicators per assessment. The time grid and schedule are fixed data (numpy)."""
+    A ``lax.scan`` over assessments carries the soft nadir (a running soft-min of log SOD, built
+    pairwise with logaddexp, which equals -τ logsumexp(-log SOD / τ) over the whole history) and
+    the probabilities that no PD has happened and that no CR / response / disease control has
+    been seen yet. Cumulative jnp ops (cumlogsumexp, cumprod) would do the same but compile
+    seconds slower, gradients above all.
+    """
     d = jnp.asarray(diameters_mm)
     if d.ndim == 3:
-        mask = jnp.ones(d.shape[:2], bool) if target_mask is None else jnp.broadcast_to(jnp.asarray(target_mask, bool), d.shape[:2])
+        mask = (jnp.ones(d.shape[:2], bool) if target_mask is None
+                else jnp.broadcast_to(jnp.asarray(target_mask, bool), d.shape[:2]))
         sod = jnp.sum(jnp.where(mask[..., None], d, 0.0), axis=1)
     else:
         sod = d
@@ -563,17 +570,43 @@ def _soft_reads(times_days, diameters_mm, target_mask, status_ok, temperature,
         sod = jnp.where(jnp.asarray(status_ok, bool)[:, None], sod, 1.0)
     idx = assessment_indices(times_days, assessment_interval_days, assessment_days)
     t = np.asarray(times_days, dtype=float)
-    log_sod = jnp.log(jnp.maximum(sod[:, np.concatenate([[0], idx])], _LOG_FLOOR_MM))
-    log_base, log_at = log_sod[:, :1], log_sod[:, 1:]
-    # running soft nadir over baseline and previous assessments: cumulative logsumexp of -log/τ
-    log_nadir = -temperature * jax.lax.cumlogsumexp(-log_sod[:, :-1] / temperature, axis=1)
-    relative = (log_at - log_nadir - math.log1p(PD_MIN_CHANGE)) / temperature
-    absolute = (jnp.exp(log_at) - jnp.exp(log_nadir) - PD_MIN_ABSOLUTE_MM) / (PD_MIN_ABSOLUTE_MM * temperature)
-    progression = jax.nn.sigmoid(relative) * jax.nn.sigmoid(absolute)
-    complete = jax.nn.sigmoid((math.log(cr_threshold_mm) - log_at) / temperature)
-    partial = jax.nn.sigmoid((math.log1p(PR_MAX_CHANGE) - (log_at - log_base)) / temperature)
-    response = 1.0 - (1.0 - complete) * (1.0 - partial)
-    return _SoftReads(t[idx] - t[0], progression, complete, response)
+    days = t[idx] - t[0]
+    log_base = jnp.log(jnp.maximum(sod[:, 0], _LOG_FLOOR_MM))
+    log_at = jnp.log(jnp.maximum(sod[:, idx], _LOG_FLOOR_MM))  # (P, A)
+    sd_time_ok = jnp.asarray(days >= sd_min_days * (1 - _TIE_RTOL), dtype=log_at.dtype)
+    no_pd, never_cr, never_resp, never_dc = _soft_scan(log_base, log_at, sd_time_ok, temperature,
+                                                       math.log(cr_threshold_mm))
+    return _SoftCourse(days, no_pd, 1.0 - never_cr, 1.0 - never_resp, 1.0 - never_dc)
+
+
+@jax.jit
+def _soft_scan(log_base, log_at, sd_time_ok, temperature, log_cr_threshold):
+    """The scan of :func:`_soft_course`. Jitted at module level with every setting as an argument,
+    so eager callers reuse one compilation per cohort shape instead of re-tracing the scan."""
+    sigmoid = jax.nn.sigmoid
+
+    def one_assessment(carry, read):
+        log_nadir, no_pd, never_cr, never_resp, never_dc = carry
+        log_sod, sd_ok = read
+        # both PD limits as dimensionless margins: a log-ratio and (growth - 5 mm) / 5 mm
+        relative = (log_sod - log_nadir - math.log1p(PD_MIN_CHANGE)) / temperature
+        absolute = (jnp.exp(log_sod) - jnp.exp(log_nadir) - PD_MIN_ABSOLUTE_MM) / (PD_MIN_ABSOLUTE_MM * temperature)
+        no_pd = no_pd * (1.0 - sigmoid(relative) * sigmoid(absolute))
+        complete = sigmoid((log_cr_threshold - log_sod) / temperature)
+        partial = sigmoid((math.log1p(PR_MAX_CHANGE) - (log_sod - log_base)) / temperature)
+        response = 1.0 - (1.0 - complete) * (1.0 - partial)
+        control = 1.0 - (1.0 - response) * (1.0 - sd_ok)
+        # "X at this assessment and no PD through it" (and = product), accumulated as "never X"
+        never_cr = never_cr * (1.0 - no_pd * complete)
+        never_resp = never_resp * (1.0 - no_pd * response)
+        never_dc = never_dc * (1.0 - no_pd * control)
+        log_nadir = -temperature * jnp.logaddexp(-log_nadir / temperature, -log_sod / temperature)
+        return (log_nadir, no_pd, never_cr, never_resp, never_dc), no_pd
+
+    ones = jnp.ones_like(log_base)
+    init = (log_base, ones, ones, ones, ones)
+    (_, _, never_cr, never_resp, never_dc), no_pd = jax.lax.scan(one_assessment, init, (log_at.T, sd_time_ok))
+    return no_pd.T, never_cr, never_resp, never_dc
 
 
 def soft_best_response_probabilities(
@@ -592,26 +625,20 @@ def soft_best_response_probabilities(
 
     Each threshold becomes a sigmoid of a dimensionless margin over ``temperature``: log-ratios
     for the relative thresholds (-30 %, +20 %, the CR size), (Δ - 5 mm) / 5 mm for the absolute
-    PD rule; the nadir is a soft-min of log SODs. Boolean logic on these soft indicators uses
-    products (and = x y, or = 1 - (1-x)(1-y)), which is exact at 0/1: "no PD before assessment a"
-    is Π_{b≤a}(1 - PD_b), "ever X before PD" is 1 - Π_a(1 - X_a · no-PD-through-a). The columns
-    are differences of nested "ever" probabilities, so they are ≥ 0 and sum to 1. ``times_days``
-    must be concrete (not traced): it fixes the assessment schedule.
+    PD rule; the nadir is a soft-min of log SODs (within τ log(A + 1) below the true one). Boolean
+    logic on the soft indicators uses products (and = x y, or = 1 - (1-x)(1-y)), exact at 0/1:
+    "no PD through assessment a" is Π_{b≤a}(1 - PD_b), "ever X before PD" is
+    1 - Π_a(1 - X_a · no PD through a). The columns are differences of nested "ever"
+    probabilities, so they are ≥ 0 and sum to 1. P(response) is the sum of the first two.
+    ``times_days`` must be concrete (not traced): it fixes the assessment schedule.
     """
-    r = _soft_reads(times_days, diameters_mm, target_mask, status_ok, temperature,
-                    assessment_interval_days, assessment_days, cr_threshold_mm)
-    no_pd_through = jnp.cumprod(1.0 - r.progression, axis=1)
-    sd_time_ok = jnp.asarray(r.days >= sd_min_days * (1 - _TIE_RTOL), dtype=float)
-
-    def ever(x):
-        return 1.0 - jnp.prod(1.0 - no_pd_through * x, axis=1)
-
-    p_cr = ever(r.complete)
-    p_resp = ever(r.response)
-    p_dc = ever(1.0 - (1.0 - r.response) * (1.0 - sd_time_ok))
-    p_any_pd = 1.0 - no_pd_through[:, -1] if r.days.size else jnp.zeros_like(p_cr)
-    p_eval = 1.0 - (1.0 - p_dc) * (1.0 - p_any_pd)
-    cumulative = jnp.stack([p_cr, p_resp, p_dc, p_eval, jnp.ones_like(p_cr)], axis=1)
+    c = _soft_course(times_days, diameters_mm, target_mask, status_ok, temperature,
+                     assessment_interval_days, assessment_days, cr_threshold_mm, sd_min_days)
+    any_pd = 1.0 - c.no_progression_through[:, -1] if c.days.size else jnp.zeros_like(c.ever_complete)
+    evaluable = 1.0 - (1.0 - c.ever_control) * (1.0 - any_pd)
+    cumulative = jnp.stack([c.ever_complete, c.ever_response, c.ever_control, evaluable,
+                            jnp.ones_like(evaluable)], axis=1)
+    # nested by construction; the clip only removes rounding below 0
     return jnp.clip(jnp.diff(cumulative, axis=1, prepend=0.0), 0.0, 1.0)
 
 
@@ -634,14 +661,12 @@ def soft_progression_free_probability(
     value, no sampling). The cohort curve is :func:`soft_cohort_mean` of this; without deaths it
     converges to the Kaplan–Meier PFS curve of the hard version while t ≤ the last assessment.
     """
-    r = _soft_reads(times_days, diameters_mm, target_mask, status_ok, temperature,
-                    assessment_interval_days, assessment_days, 1.0)
+    c = _soft_course(times_days, diameters_mm, target_mask, status_ok, temperature,
+                     assessment_interval_days, assessment_days, 1.0, 0.0)
     e = np.asarray(eval_days, dtype=float)
-    # a product rather than exp(Σ log(1 - PD)): a saturated PD = 1 would make the log's gradient inf
-    no_pd_through = jnp.concatenate(
-        [jnp.ones_like(r.progression[:, :1]), jnp.cumprod(1.0 - r.progression, axis=1)], axis=1)
-    n_seen = np.searchsorted(r.days, e * (1 + _TIE_RTOL) + 1e-12, side="right")  # assessments on or before t
-    return no_pd_through[:, n_seen] * jnp.exp(-death_rate_per_day * e)[None, :]
+    no_pd = jnp.concatenate([jnp.ones_like(c.ever_complete)[:, None], c.no_progression_through], axis=1)
+    n_seen = np.searchsorted(c.days, e * (1 + _TIE_RTOL) + 1e-12, side="right")  # assessments on or before t
+    return no_pd[:, n_seen] * jnp.exp(-death_rate_per_day * e)[None, :]
 
 
 def soft_cohort_mean(

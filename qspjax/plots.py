@@ -23,6 +23,7 @@ from qspjax.outcomes import CR, NE, PD, PR, RESPONSE_NAMES, SD, KaplanMeier
 RESPONSE_COLOURS = {CR: "#1a9850", PR: "#91cf60", SD: "#fdae61", PD: "#d73027", NE: "#999999"}
 _SIMULATED_COLOUR = "#4575b4"
 _OBSERVED_COLOUR = "#222222"
+_REPORTED_BAR_COLOUR = "#a6a6a6"  # light, so black whiskers show on it
 
 
 def _new_figure(width_in: float = 7.0, height_in: float = 4.5) -> Figure:
@@ -157,13 +158,14 @@ def response_rate_comparison(
             ci = np.asarray(ci, dtype=float).reshape(n, 2)
             # an interval missing for one arm is drawn without whiskers, not as a NaN error
             err = np.nan_to_num(np.abs(np.stack([values - ci[:, 0], ci[:, 1] - values])), nan=0.0)
-        axes.bar(x + offset, np.nan_to_num(values, nan=0.0), width, yerr=err, capsize=3, color=colour, label=name)
+        axes.bar(x + offset, np.nan_to_num(values, nan=0.0), width, yerr=err, capsize=3, color=colour,
+                 ecolor="k", label=name)
 
     if reported is None:
         bars(0.0, simulated, simulated_ci, _SIMULATED_COLOUR, "simulated")
     else:
         bars(-width / 2, simulated, simulated_ci, _SIMULATED_COLOUR, "simulated")
-        bars(width / 2, reported, reported_ci, _OBSERVED_COLOUR, "reported")
+        bars(width / 2, reported, reported_ci, _REPORTED_BAR_COLOUR, "reported")
     axes.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
     axes.set(ylabel=ylabel, title=title, ylim=(0.0, 1.0))
     axes.legend(loc="best", fontsize=8)

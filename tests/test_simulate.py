@@ -1,0 +1,181 @@
+"""The simulator against SciPy, invariants, gradients, batching and failure isolation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+from scipy.integrate import solve_ivp
+
+from qspjax.regimen import compile_schedule, parse_regimen
+from qspjax.simulate import (STATUS_OK, SolverConfig, _flat_system, apply_events, simulate_batch,
+                             simulate_patient)
+from qspjax.vpop import build_models
+
+TIGHT = SolverConfig(rtol=1e-10, atol=1e-13, max_steps=100_000)
+VARIED = ("k_C1_growth", "k_C_T1", "k_T1", "q_T1_T_in", "n_T1_clones", "P1_C1", "k_cell_clear",
+          "alpha_tumor", "k_T1_act", "k_APC_mat", "C_PDL1_total", "k_cl_nivolumab")
+
+
+def _regimen():
+    return parse_regimen({
+        "name": "test",
+        "ici": [{"drug": "nivolumab", "dose": 3, "unit": "mg/kg", "interval_days": 2.5, "cycles": 3, "start_day": 0}],
+        "rt": [{"dose_per_fraction_gy": 8, "fractions": 2, "days": [1, 3.5], "lesion": "irradiated"}],
+    })
+
+
+@pytest.fixture(scope="module")
+def two_lesion_patients(params):
+    """Three patients with parameters perturbed around the nominal, two lesions, tumor state from
+    the reference export with a smaller second lesion."""
+    from qspjax.model.reference import state_from_species
+
+    rng = np.random.default_rng(7)
+    n = 3
+    values = {k: jnp.asarray(params.values[k] * np.exp(0.3 * rng.standard_normal(n))) for k in VARIED}
+    models = build_models(params, values, n, ("nivolumab",), 2)
+    y0 = jax.vmap(lambda m: state_from_species(m, params.initial_state))(models)
+    y0["C1"] = y0["C1"].at[:, 1].multiply(0.2)
+    return models, y0
+
+
+def _scipy_solve(model, y0, schedule):
+    """The same right-hand side and events, integrated by SciPy's Radau at rtol 1e-10."""
+    system = _flat_system(model, y0)
+    f = jax.jit(lambda z: system.term.vf(0.0, z, None))
+    jac = jax.jit(jax.jacfwd(lambda z: system.term.vf(0.0, z, None)))
+    events = (schedule.dose_mg, schedule.dose_mg_per_kg, schedule.rt_dose_gy, schedule.rt_sbrt,
+              schedule.chemo_kill, schedule.surgery)
+    times = np.asarray(schedule.times)
+    y = y0
+    out = []
+    for k in range(len(times)):
+        y, _ = apply_events(model, y, tuple(e[k] for e in events))
+        out.append(y)
+        if k + 1 < len(times) and times[k + 1] > times[k]:
+            z0 = np.asarray(ravel_pytree(y)[0] / system.scale)
+            sol = solve_ivp(lambda t, z: np.asarray(f(jnp.asarray(z))), (times[k], times[k + 1]), z0,
+                            method="Radau", jac=lambda t, z: np.asarray(jac(jnp.asarray(z))),
+                            rtol=1e-10, atol=1e-13)
+            assert sol.success
+            y = system.unravel(jnp.asarray(sol.y[:, -1]) * system.scale)
+    return out
+
+
+def test_matches_scipy_radau_for_several_patients(two_lesion_patients):
+    models, y0 = two_lesion_patients
+    schedule = compile_schedule(_regimen(), ("nivolumab",), np.arange(0.0, 7.0), n_lesions=2)
+    traj = simulate_batch(models, y0, schedule, TIGHT)
+    assert np.all(np.asarray(traj.status) == STATUS_OK)
+    for i in range(2):
+        model = jax.tree_util.tree_map(lambda x: x[i], models)
+        yi = jax.tree_util.tree_map(lambda x: x[i], y0)
+        ref = _scipy_solve(model, yi, schedule)
+        typical = model.scales()
+        for k, yk in enumerate(ref):
+            for name, v in yk.items():
+                ours = np.asarray(traj.ys[name][i, k])
+                want = np.asarray(v)
+                # relative error, with a floor of 1e-8 of the state's typical size for states at ~0
+                scale = np.maximum(np.abs(want), 1e-8 * np.asarray(typical[name]))
+                assert np.all(np.abs(ours - want) <= 1e-5 * scale), (i, k, name)
+
+
+def test_states_stay_non_negative_and_lesions_behave(two_lesion_patients):
+    models, y0 = two_lesion_patients
+    schedule = compile_schedule(_regimen(), ("nivolumab",), np.arange(0.0, 7.0), n_lesions=2)
+    traj = simulate_batch(models, y0, schedule, SolverConfig())
+    for name, v in traj.ys.items():
+        assert np.all(np.asarray(v) >= -1e-9 * np.max(np.abs(np.asarray(v)) + 1e-300)), name
+
+
+def test_one_rt_fraction_scales_cancer_cells_by_lq_survival_in_field_only(params, two_lesion_patients):
+    models, y0 = two_lesion_patients
+    model = jax.tree_util.tree_map(lambda x: x[0], models)
+    y = jax.tree_util.tree_map(lambda x: x[0], y0)
+    d = 8.0
+    zero_d = jnp.zeros(1)
+    event = (zero_d, zero_d, jnp.asarray([d, 0.0]), jnp.asarray(1.0), jnp.asarray(0.0), jnp.zeros(2))
+    y1, _ = apply_events(model, y, event)
+    a = float(model.rt.p["alpha_tumor"])
+    b = a / float(model.rt.p["alpha_beta_tumor"])
+    assert float(y1["C1"][0]) == pytest.approx(float(y["C1"][0]) * np.exp(-a * d - b * d * d), rel=1e-12)
+    assert float(y1["C1"][1]) == float(y["C1"][1])
+    assert float(y1["C_doomed"][0]) == pytest.approx(float(y["C1"][0]) * (1 - np.exp(-a * d - b * d * d)), rel=1e-12)
+    # Lymphocytes: the irradiated lesion's T cells and (a smaller dose) the blood lose cells, not lesion 2.
+    assert float(y1["T1_T"][0]) < float(y["T1_T"][0]) and float(y1["T1_T"][1]) == float(y["T1_T"][1])
+    assert float(y1["T1_C"]) < float(y["T1_C"])
+
+
+def test_untreated_tumor_grows(reference_model, reference_state):
+    sched = compile_schedule(parse_regimen({"name": "none"}), reference_model.drugs, np.arange(0.0, 31.0, 10.0), 1)
+    traj = jax.jit(lambda m, y: simulate_patient(m, y, sched, SolverConfig()))(reference_model, reference_state)
+    c = np.asarray(traj.ys["C1"][:, 0])
+    assert int(traj.status) == STATUS_OK and np.all(np.diff(c) > 0)
+
+
+def test_gradient_through_the_solver_matches_finite_differences(params, reference_state):
+    names = VARIED[:11]
+    base = {k: jnp.asarray([params.values[k]]) for k in names}
+    mild = parse_regimen({
+        "name": "mild",
+        "ici": [{"drug": "nivolumab", "dose": 3, "unit": "mg/kg", "interval_days": 14, "cycles": 1}],
+        "rt": [{"dose_per_fraction_gy": 2, "fractions": 1, "days": [1]}],
+    })
+    sched = compile_schedule(mild, ("nivolumab",), np.array([0.0, 2.0, 4.0]), n_lesions=1)
+    config = SolverConfig(rtol=1e-9, atol=1e-12, max_steps=100_000)
+
+    def objective(values):
+        models = build_models(params, values, 1, ("nivolumab",), 1)
+        y0 = jax.tree_util.tree_map(lambda x: x[None], reference_state)
+        traj = simulate_batch(models, y0, sched, config)
+        return jnp.log(traj.ys["C1"][0, -1, 0]) + jnp.log(traj.ys["T1_T"][0, -1, 0])
+
+    objective = jax.jit(objective)
+    assert np.isfinite(float(objective(base)))
+    grad = jax.jit(jax.grad(objective))(base)
+    for k in names:
+        h = 1e-4
+        up = dict(base, **{k: base[k] * (1 + h)})
+        dn = dict(base, **{k: base[k] * (1 - h)})
+        fd = (objective(up) - objective(dn)) / (2 * h * base[k][0])
+        g = grad[k][0]
+        assert float(g) == pytest.approx(float(fd), rel=1e-4, abs=1e-10 / float(base[k][0])), k
+
+
+def test_a_batch_of_1000_patients_runs_as_one_call_and_flags_failures(params, reference_state):
+    n = 1000
+    rng = np.random.default_rng(3)
+    growth = params.values["k_C1_growth"] * np.exp(0.3 * rng.standard_normal(n))
+    growth[17] = np.inf  # this patient cannot be solved
+    models = build_models(params, {"k_C1_growth": jnp.asarray(growth)}, n, ("nivolumab",), 1)
+    y0 = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), reference_state)
+    sched = compile_schedule(parse_regimen({"name": "none"}), ("nivolumab",), np.array([0.0, 0.5]), 1)
+    traj = simulate_batch(models, y0, sched, SolverConfig(max_steps=256))
+    status = np.asarray(traj.status)
+    assert status.shape == (n,)
+    assert status[17] != STATUS_OK
+    assert np.all(np.delete(status, 17) == STATUS_OK)
+    c = np.asarray(traj.ys["C1"][:, -1, 0])
+    assert np.all(np.isfinite(np.delete(c, 17)))
+
+
+def test_new_regimen_of_the_same_shape_does_not_recompile(reference_model, reference_state):
+    from qspjax import simulate as sim
+
+    grid = np.array([0.0, 1.0, 2.0])
+    a = compile_schedule(parse_regimen({"name": "a", "ici": [
+        {"drug": "nivolumab", "dose": 240, "unit": "mg", "interval_days": 1, "cycles": 2}]}), ("nivolumab",), grid, 1)
+    b = compile_schedule(parse_regimen({"name": "b", "ici": [
+        {"drug": "nivolumab", "dose": 480, "unit": "mg", "interval_days": 2, "cycles": 1, "start_day": 1}]}),
+        ("nivolumab",), grid, 1)
+    models = jax.tree_util.tree_map(lambda x: x[None], reference_model)
+    y0 = jax.tree_util.tree_map(lambda x: x[None], reference_state)
+    sim.simulate_batch(models, y0, a)
+    before = sim._simulate_batch_jit._cached._cache_size()
+    out = sim.simulate_batch(models, y0, b)
+    assert sim._simulate_batch_jit._cached._cache_size() == before
+    assert float(out.ys["ab_C"][0, 1, 0]) > 0
