@@ -117,6 +117,7 @@ def test_untreated_tumor_grows(reference_model, reference_state):
     assert int(traj.status) == STATUS_OK and np.all(np.diff(c) > 0)
 
 
+@pytest.mark.slow
 def test_gradient_through_the_solver_matches_finite_differences(params, reference_state):
     names = VARIED[:11]
     base = {k: jnp.asarray([params.values[k]]) for k in names}
@@ -146,6 +147,7 @@ def test_gradient_through_the_solver_matches_finite_differences(params, referenc
         assert float(g) == pytest.approx(float(fd), rel=1e-4, abs=1e-10 / float(base[k][0])), k
 
 
+@pytest.mark.slow
 def test_a_batch_of_1000_patients_runs_as_one_call_and_flags_failures(params, reference_state):
     n = 1000
     rng = np.random.default_rng(3)
