@@ -29,16 +29,22 @@ SBRT_MIN_DOSE_PER_FRACTION_GY = 5.0  # technique default when not given: >= 5 Gy
 
 
 @dataclass(frozen=True)
-class IciCourse:
-    drug: str
-    dose: float
-    unit: str
+class _Repeated:
+    """A course given every ``interval_days`` from ``start_day``, ``cycles`` times."""
+
     interval_days: float
     start_day: float
     cycles: int
 
     def days(self) -> list[float]:
         return [self.start_day + i * self.interval_days for i in range(self.cycles)]
+
+
+@dataclass(frozen=True)
+class IciCourse(_Repeated):
+    drug: str = ""
+    dose: float = 0.0
+    unit: str = "mg"
 
 
 @dataclass(frozen=True)
@@ -54,15 +60,9 @@ class RtCourse:
 
 
 @dataclass(frozen=True)
-class ChemoCourse:
-    name: str
-    kill_fraction: float
-    interval_days: float
-    start_day: float
-    cycles: int
-
-    def days(self) -> list[float]:
-        return [self.start_day + i * self.interval_days for i in range(self.cycles)]
+class ChemoCourse(_Repeated):
+    name: str = ""
+    kill_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ def parse_regimen(doc: Any, source: str = "<regimen>") -> Regimen:
         dose = ck.number(f"{w}.dose", e["dose"], positive=True)
         unit = ck.choice(f"{w}.unit", e["unit"], DOSE_UNITS)
         start, interval, cycles = ck.schedule(w, e)
-        ici.append(IciCourse(drug, dose, unit, interval, start, cycles))
+        ici.append(IciCourse(interval, start, cycles, drug=drug, dose=dose, unit=unit))
     rt = []
     for i, e in enumerate(doc.get("rt") or []):
         w = f"rt[{i}]"
@@ -211,7 +211,7 @@ def parse_regimen(doc: Any, source: str = "<regimen>") -> Regimen:
         nm = ck.string(f"{w}.name", e["name"])
         kf = ck.number(f"{w}.kill_fraction", e["kill_fraction"], min_value=0.0, max_value=1.0)
         start, interval, cycles = ck.schedule(w, e)
-        chemo.append(ChemoCourse(nm, kf, interval, start, cycles))
+        chemo.append(ChemoCourse(interval, start, cycles, name=nm, kill_fraction=kf))
     surgery = []
     for i, e in enumerate(doc.get("surgery") or []):
         w = f"surgery[{i}]"
