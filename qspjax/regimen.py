@@ -17,7 +17,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 import yaml
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Float
 
 from qspjax.errors import QSPValidationError
 from qspjax.model.pk import KNOWN_DRUGS
@@ -248,10 +248,12 @@ def load_regimen(path: str | Path) -> Regimen:
 # Compilation to fixed-shape event arrays
 # ---------------------------------------------------------------------------------------------
 class Schedule(eqx.Module):
-    """A regimen on a timeline: jumps applied at ``times[k]``, then the ODE runs to ``times[k+1]``.
+    """A regimen on an event timeline plus the grid of days the trajectory is reported on.
 
-    Shapes: K timeline points, D drugs of the model, L lesions. ``is_output`` marks the points of
-    the requested output grid (the others are off-grid event times).
+    The jumps of row k are applied at ``times[k]``, then the ODE runs to ``times[k+1]``. Shapes:
+    K timeline points (event days and the first and last output day, padded by repeating the
+    last day), D drugs of the model, L lesions, G output days. Regimens with the same K, D, L and
+    G share one compiled simulator.
     """
 
     times: Float[Array, " K"]
@@ -261,7 +263,21 @@ class Schedule(eqx.Module):
     rt_sbrt: Float[Array, " K"]
     chemo_kill: Float[Array, " K"]
     surgery: Float[Array, "K L"]
-    is_output: Bool[Array, " K"]
+    output_days: Float[Array, " G"]
+
+
+def timeline_points(regimen: Regimen, output_days) -> int:
+    """Number of timeline points ``compile_schedule`` needs for ``regimen`` on ``output_days``."""
+    out = np.asarray(output_days, dtype=float)
+    lo, hi = float(out.min()), float(out.max())
+    days = {d for d in _event_days(regimen) if d <= hi} | {lo, hi}
+    return len(days)
+
+
+def _event_days(regimen: Regimen) -> list[float]:
+    days = [d for c in regimen.ici for d in c.days()] + [d for c in regimen.rt for d in c.days]
+    days += [d for c in regimen.chemo for d in c.days()] + [s.day for s in regimen.surgery]
+    return [float(d) for d in days]
 
 
 def compile_schedule(
@@ -271,13 +287,16 @@ def compile_schedule(
     n_lesions: int = 2,
     n_points: int | None = None,
 ) -> Schedule:
-    """Place every event of ``regimen`` on the timeline ``output_days`` ∪ event times.
+    """Place every event of ``regimen`` on a timeline and attach the output grid ``output_days``.
 
-    ``drugs`` is the model's drug order; a regimen drug outside it is an error. ``n_points`` pads
-    the timeline (repeating its last time: zero-length steps) so that regimens with different
-    event counts share one shape and one compilation.
+    ``drugs`` is the model's drug order; a regimen drug outside it is an error. Events after the
+    last output day are dropped. ``n_points`` pads the timeline (repeating its last day:
+    zero-length segments) so that regimens with different event counts share one shape and one
+    compilation.
     """
     out_days = np.asarray(sorted(set(float(x) for x in output_days)), dtype=float)
+    if out_days.size == 0:
+        raise QSPValidationError(regimen.name, "output_days", [], "at least one output day is required")
     missing = [d for d in regimen.drugs if d not in drugs]
     if missing:
         raise QSPValidationError(regimen.name, "ici[].drug", missing[0], f"the model has drugs {list(drugs)}")
@@ -285,11 +304,12 @@ def compile_schedule(
     for c in regimen.rt:
         if c.lesion not in lesion_index:
             raise QSPValidationError(regimen.name, "rt[].lesion", c.lesion, f"the model has {n_lesions} lesion(s)")
-    event_days = [d for c in regimen.ici for d in c.days()] + [d for c in regimen.rt for d in c.days]
-    event_days += [d for c in regimen.chemo for d in c.days()] + [s.day for s in regimen.surgery]
     horizon = out_days[-1]
-    event_days = [d for d in event_days if d <= horizon]
-    times = np.asarray(sorted(set(out_days.tolist()) | set(event_days)), dtype=float)
+    if min(_event_days(regimen), default=out_days[0]) < out_days[0]:
+        raise QSPValidationError(regimen.name, "(event days)", min(_event_days(regimen)),
+                                 f"events must not precede the first output day {out_days[0]:g}")
+    event_days = [d for d in _event_days(regimen) if d <= horizon]
+    times = np.asarray(sorted(set(event_days) | {out_days[0], horizon}), dtype=float)
     k = len(times)
     if n_points is not None:
         if n_points < k:
@@ -318,8 +338,5 @@ def compile_schedule(
     for s in regimen.surgery:
         if s.day <= horizon and s.lesion in lesion_index:
             surgery[index[s.day], lesion_index[s.lesion]] = 1.0
-    is_output = np.zeros(n, dtype=bool)
-    is_output[:k] = np.isin(times[:k], out_days)
     f = lambda a: jnp.asarray(a, dtype=float)
-    return Schedule(f(times), f(dose_mg), f(dose_kg), f(rt_dose), f(rt_sbrt), f(chemo), f(surgery),
-                    jnp.asarray(is_output))
+    return Schedule(f(times), f(dose_mg), f(dose_kg), f(rt_dose), f(rt_sbrt), f(chemo), f(surgery), f(out_days))

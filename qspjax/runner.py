@@ -100,7 +100,7 @@ def run_cohort(
             diameter, tps = cohort.baseline_diameter_cm, cohort.tps_class
         if schedule is None:
             schedule = compile_schedule(regimen, drugs, grid, n_lesions=n_lesions)
-            n_points = schedule.times.shape[0]
+            n_points = int(schedule.times.shape[0])
         traj = simulate_batch(models, y0, schedule, config)
         status = jnp.where(grow_status != STATUS_OK, grow_status, traj.status)
         obs = _observe(models, traj.ys)
@@ -115,14 +115,13 @@ def run_cohort(
         parts.append(part)
         bar.update(n)
     bar.close()
-    is_out = np.asarray(schedule.is_output)
     cat = lambda k: np.concatenate([p[k] for p in parts])
-    observables = {k: cat(k)[:, is_out] for k in OBSERVABLES}
+    observables = {k: cat(k) for k in OBSERVABLES}
     status = cat("status")
     result = CohortResult(
         regimen, grid, observables, status, cat("baseline"), cat("tps"), tuple(drugs),
         ("irradiated", "non_irradiated")[:n_lesions],
-        simbiology={k: np.concatenate([p["simbiology"][k] for p in parts])[:, is_out] for k in parts[0]["simbiology"]}
+        simbiology={k: np.concatenate([p["simbiology"][k] for p in parts]) for k in parts[0]["simbiology"]}
         if n_lesions == 1 else None,
         viable_fraction_at_surgery=cat("viable"),
         meta={"timeline_points": int(n_points), "rtol": rtol},

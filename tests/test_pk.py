@@ -27,7 +27,7 @@ def single_doses():
     sched = compile_schedule(reg, drugs, np.array([0.0, 1.0, 120.0, 160.0]), n_lesions=1)
     traj = jax.jit(lambda m, y: simulate_patient(m, y, sched, SolverConfig()))(model, y0)
     assert int(traj.status) == STATUS_OK
-    return drugs, np.asarray(traj.ys["ab_C"]), np.asarray(sched.times), params
+    return drugs, np.asarray(traj.ys["ab_C"]), np.asarray(sched.output_days), params
 
 
 def test_every_drug_has_pk_parameters_and_a_label(params):

@@ -97,6 +97,7 @@ def test_compile_places_events_exactly_and_pads():
     assert times.shape == (20,) and np.all(np.diff(times) >= 0)
     assert np.asarray(s.dose_mg)[times.tolist().index(14.5), 0] == 240
     assert np.asarray(s.rt_dose_gy)[times.tolist().index(2.0)].tolist() == [8.0, 0.0]
-    assert np.asarray(s.is_output).sum() == 5
+    assert np.asarray(s.output_days).tolist() == [0.0, 7.0, 14.0, 21.0, 28.0]
+    assert int((times == 28.0).sum()) == 20 - 5  # events 0.5, 2, 4, 14.5, the first day 0, padded with the last
     with pytest.raises(QSPValidationError):
         compile_schedule(reg, ("pembrolizumab",), np.arange(0.0, 30.0), 2)

@@ -43,31 +43,41 @@ def two_lesion_patients(params):
 
 
 def _scipy_solve(model, y0, schedule):
-    """The same right-hand side and events, integrated by SciPy's Radau at rtol 1e-10."""
+    """The same right-hand side and events, integrated by SciPy's Radau at rtol 1e-10; returns
+    the state at every output day (after the jumps of an event on that day)."""
     system = _flat_system(model, y0)
     f = jax.jit(lambda z: system.term.vf(0.0, z, None))
     jac = jax.jit(jax.jacfwd(lambda z: system.term.vf(0.0, z, None)))
     events = (schedule.dose_mg, schedule.dose_mg_per_kg, schedule.rt_dose_gy, schedule.rt_sbrt,
               schedule.chemo_kill, schedule.surgery)
     times = np.asarray(schedule.times)
+    grid = np.asarray(schedule.output_days)
+    out = {}
     y = y0
-    out = []
     for k in range(len(times)):
         y, _ = apply_events(model, y, tuple(e[k] for e in events))
-        out.append(y)
-        if k + 1 < len(times) and times[k + 1] > times[k]:
+        t_next = times[k + 1] if k + 1 < len(times) else times[k]
+        for g in grid[(grid >= times[k]) & (grid <= t_next)]:
+            out[float(g)] = y if g == times[k] else None
+        if t_next > times[k]:
             z0 = np.asarray(ravel_pytree(y)[0] / system.scale)
-            sol = solve_ivp(lambda t, z: np.asarray(f(jnp.asarray(z))), (times[k], times[k + 1]), z0,
+            inside = grid[(grid > times[k]) & (grid <= t_next)]
+            sol = solve_ivp(lambda t, z: np.asarray(f(jnp.asarray(z))), (times[k], t_next), z0,
                             method="Radau", jac=lambda t, z: np.asarray(jac(jnp.asarray(z))),
-                            rtol=1e-10, atol=1e-13)
+                            rtol=1e-10, atol=1e-13, t_eval=np.unique(np.append(inside, t_next)))
             assert sol.success
+            for j, g in enumerate(sol.t):
+                if g in inside:
+                    out[float(g)] = system.unravel(jnp.asarray(sol.y[:, j]) * system.scale)
             y = system.unravel(jnp.asarray(sol.y[:, -1]) * system.scale)
-    return out
+    return [out[float(g)] for g in grid]
 
 
 def test_matches_scipy_radau_for_several_patients(two_lesion_patients):
     models, y0 = two_lesion_patients
-    schedule = compile_schedule(_regimen(), ("nivolumab",), np.arange(0.0, 7.0), n_lesions=2)
+    # Output days between and on event days (0, 1, 2.5, 3.5 and 5 are event days).
+    schedule = compile_schedule(_regimen(), ("nivolumab",), np.array([0.0, 0.75, 1.0, 2.0, 3.5, 4.25, 6.0]),
+                                n_lesions=2)
     traj = simulate_batch(models, y0, schedule, TIGHT)
     assert np.all(np.asarray(traj.status) == STATUS_OK)
     for i in range(2):
