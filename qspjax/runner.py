@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,10 @@ from qspjax.io import atomic_write, atomic_write_json, atomic_write_text
 from qspjax.model.composer import QSPModel
 from qspjax.model.reference import SIMBIOLOGY_COLUMNS, simbiology_columns, state_from_species
 from qspjax.params import ParameterSet
-from qspjax.regimen import Regimen, compile_schedule
+from qspjax.regimen import Regimen, compile_schedule, timeline_points
 from qspjax.simulate import STATUS_NAMES, STATUS_OK, SolverConfig, simulate_batch
-from qspjax.vpop import build_models, load_population, make_cohort
+from qspjax.vpop import (PLAUSIBILITY_REASONS, BaselineTarget, Cohort, PopulationSpec, build_models,
+                         load_population, make_cohort, matched_spec, plausibility_reasons)
 
 OBSERVABLES = ("tumor_diameter_cm", "tumor_volume_l", "cancer_cells", "dead_cells", "cd8_tumor_cells",
                "treg_tumor_cells", "cd8_density_per_ul", "pd1_signal", "pd1_drug_occupancy")
@@ -56,6 +58,170 @@ def _observe(model_batch: QSPModel, ys) -> dict:
     return jax.vmap(per_patient)(model_batch, ys)
 
 
+@dataclass
+class Population:
+    """Screened virtual patients at baseline, ready to be treated (patient axis first)."""
+
+    model: QSPModel
+    y0: dict
+    status: np.ndarray
+    baseline_diameter_cm: np.ndarray
+    tps_class: np.ndarray
+    drugs: tuple[str, ...]
+    n_lesions: int
+    screening: dict[str, Any]
+
+    def __len__(self) -> int:
+        return int(self.status.shape[0])
+
+    def take(self, index: np.ndarray) -> tuple[QSPModel, dict]:
+        return (jax.tree_util.tree_map(lambda x: x[index], self.model),
+                jax.tree_util.tree_map(lambda x: x[index], self.y0))
+
+
+def build_population(
+    params: ParameterSet,
+    n_patients: int,
+    seed: int,
+    drugs: tuple[str, ...],
+    *,
+    variability: bool = True,
+    exported_initial_state: bool = False,
+    spec: PopulationSpec | None = None,
+    target: BaselineTarget | None = None,
+    config: SolverConfig = SolverConfig(),
+    chunk: int = 64,
+    screen_factor: int = 4,
+    progress: bool = False,
+) -> Population:
+    """Draw, grow and screen virtual patients until ``n_patients`` plausible ones are found.
+
+    Candidates come from one quasi-random pool of ``screen_factor * n_patients`` draws of
+    ``seed`` (so the cohort depends on the seed and size only, not on the chunking), taken in
+    order; each is grown to its baseline diameter and kept if it passes the population file's
+    plausibility ranges. ``target`` re-centres the baseline mix on a trial arm's. Without
+    variability every patient is nominal and nothing is screened.
+    """
+    from tqdm import tqdm
+
+    spec = matched_spec(spec or load_population(), target)
+    n_lesions = 1 if exported_initial_state else 2
+    if exported_initial_state:
+        models = build_models(params, {}, n_patients, drugs, n_lesions)
+        y0 = jax.vmap(lambda m: state_from_species(m, params.initial_state))(models)
+        return Population(models, y0, np.zeros(n_patients, dtype=int),
+                          np.full(n_patients, params.values["initial_tumour_diameter"]), np.full(n_patients, -1),
+                          tuple(drugs), n_lesions, {"candidates": n_patients, "rejected": {}})
+    pool = n_patients * (screen_factor if variability else 1)
+    kept: list[Cohort] = []
+    n_kept = 0
+    rejected = {r: 0 for r in PLAUSIBILITY_REASONS}
+    screened = 0
+    # Screening usually rejects a minority: a first batch a quarter larger than the cohort.
+    n_dev = jax.local_device_count()
+    chunk = n_dev * math.ceil(min(chunk, pool, math.ceil(1.25 * n_patients)) / n_dev)
+    bar = tqdm(total=n_patients, desc="growing virtual patients", unit="patient", disable=not progress)
+    for start in range(0, pool, chunk):
+        if n_kept >= n_patients:
+            break
+        # A full-size chunk every time: one compilation of the growth for the whole run.
+        index = np.minimum(np.arange(start, start + chunk), pool - 1)
+        cohort = make_cohort(params, pool, seed, drugs, n_lesions, spec=spec, variability=variability,
+                             config=config, subset=index)
+        valid = np.arange(start, start + chunk) < pool
+        reason = plausibility_reasons(cohort, spec.plausibility) if variability else np.full(chunk, -1)
+        if not variability:
+            # Nominal patients are kept even if their growth failed: the failure is their status.
+            keep = valid
+        else:
+            keep = valid & (reason < 0)
+            for r in reason[valid & (reason >= 0)]:
+                rejected[PLAUSIBILITY_REASONS[r]] += 1
+        screened += int(valid.sum())
+        take = np.flatnonzero(keep)[: n_patients - n_kept]
+        if take.size:
+            kept.append(jax.tree_util.tree_map(lambda x: x[take], cohort))
+            n_kept += int(take.size)
+            bar.update(int(take.size))
+    bar.close()
+    if n_kept < n_patients:
+        raise CohortFailure(
+            f"only {n_kept} of {screened} candidate patients passed the plausibility ranges "
+            f"(needed {n_patients}); rejections: {rejected}. Widen 'plausibility' in the population file "
+            f"or raise the screening pool")
+    cohort = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *kept)
+    return Population(cohort.model, cohort.y0, np.asarray(cohort.status), np.asarray(cohort.baseline_diameter_cm),
+                      np.asarray(cohort.tps_class), tuple(drugs), n_lesions,
+                      {"candidates": screened, "rejected": {k: v for k, v in rejected.items() if v},
+                       "target_notes": list(target.notes) if target else []})
+
+
+def treat_population(
+    population: Population,
+    regimens: list[Regimen],
+    *,
+    days: float = 400.0,
+    output_every: float = 1.0,
+    config: SolverConfig = SolverConfig(),
+    chunk: int = 64,
+    max_failed_fraction: float = 0.5,
+    progress: bool = False,
+) -> list[CohortResult]:
+    """Simulate the same ``population`` under each regimen.
+
+    Every regimen is compiled to one padded timeline shape and every batch has ``chunk``
+    patients (the last one padded), so all regimens and batches share one compiled solver.
+    """
+    from tqdm import tqdm
+
+    grid = np.arange(0.0, days + 1e-9, output_every)
+    n_points = max(timeline_points(r, grid) for r in regimens)
+    n = len(population)
+    # A batch splits evenly over the local devices (CPU: one per core with
+    # XLA_FLAGS=--xla_force_host_platform_device_count=N; GPUs: one each).
+    n_dev = jax.local_device_count()
+    chunk = n_dev * math.ceil(min(chunk, n) / n_dev)
+    results = []
+    for regimen in regimens:
+        schedule = compile_schedule(regimen, population.drugs, grid, n_lesions=population.n_lesions,
+                                    n_points=n_points)
+        parts: list[dict] = []
+        bar = tqdm(total=n, desc=f"treating: {regimen.name}", unit="patient", disable=not progress)
+        for start in range(0, n, chunk):
+            index = np.minimum(np.arange(start, start + chunk), n - 1)
+            m = min(chunk, n - start)
+            models, y0 = population.take(index)
+            traj = simulate_batch(models, y0, schedule, config)
+            obs = _observe(models, traj.ys)
+            part = {k: np.asarray(obs[k])[:m] for k in OBSERVABLES}
+            part["status"] = np.asarray(traj.status)[:m]
+            part["viable"] = np.asarray(traj.viable_fraction_at_surgery)[:m]
+            part["steps"] = np.asarray(traj.num_steps)[:m]
+            if population.n_lesions == 1:
+                drug = population.drugs[0]
+                cols = jax.vmap(lambda mm, ys: simbiology_columns(mm, ys, drug=drug))(models, traj.ys)
+                part["simbiology"] = {k: np.asarray(v)[:m] for k, v in cols.items()}
+            parts.append(part)
+            bar.update(m)
+        bar.close()
+        cat = lambda k: np.concatenate([p[k] for p in parts])
+        status = np.where(population.status != STATUS_OK, population.status, cat("status"))
+        result = CohortResult(
+            regimen, grid, {k: cat(k) for k in OBSERVABLES}, status, population.baseline_diameter_cm,
+            population.tps_class, population.drugs, ("irradiated", "non_irradiated")[: population.n_lesions],
+            simbiology={k: np.concatenate([p["simbiology"][k] for p in parts]) for k in parts[0]["simbiology"]}
+            if population.n_lesions == 1 else None,
+            viable_fraction_at_surgery=cat("viable"),
+            meta={"timeline_points": int(n_points), "rtol": config.rtol, "solver": config.solver,
+                  "solver_steps_median": float(np.median(cat("steps"))), "screening": population.screening},
+        )
+        if result.n_failed > max_failed_fraction * n:
+            raise CohortFailure(f"{result.n_failed} of {n} patients failed to solve under {regimen.name} "
+                                f"(allowed: {max_failed_fraction:.0%}); statuses: {status_counts(status)}")
+        results.append(result)
+    return results
+
+
 def run_cohort(
     params: ParameterSet,
     regimen: Regimen,
@@ -70,69 +236,21 @@ def run_cohort(
     rtol: float = 1e-6,
     max_failed_fraction: float = 0.5,
     progress: bool = False,
+    target: BaselineTarget | None = None,
 ) -> CohortResult:
-    """Sample, grow and treat ``n_patients`` virtual patients; failures are flagged, never fatal
-    unless more than ``max_failed_fraction`` of the cohort fails."""
-    from tqdm import tqdm
-
+    """Sample, grow, screen and treat ``n_patients`` virtual patients under one regimen; failures
+    are flagged, never fatal unless more than ``max_failed_fraction`` of the cohort fails."""
     drugs = regimen.drugs or ("nivolumab",)
-    n_lesions = 1 if exported_initial_state else 2
     config = SolverConfig(rtol=rtol, atol=rtol * 1e-3)
-    grid = np.arange(0.0, days + 1e-9, output_every)
-    spec = load_population(population_file)
-    schedule = None
-    parts: list[dict] = []
-    bar = tqdm(total=n_patients, desc=f"simulating {regimen.name}", unit="patient", disable=not progress)
-    n_points = None
-    for start in range(0, n_patients, chunk):
-        n = min(chunk, n_patients - start)
-        if exported_initial_state:
-            models = build_models(params, {}, n, drugs, n_lesions)
-            y0 = jax.vmap(lambda m: state_from_species(m, params.initial_state))(models)
-            grow_status = jnp.zeros(n, dtype=int)
-            diameter = jnp.full(n, params.values["initial_tumour_diameter"])
-            tps = jnp.full(n, -1)
-        else:
-            # One draw of the whole cohort keeps patients independent of the chunk size.
-            cohort = make_cohort(params, n_patients, seed, drugs, n_lesions, spec=spec,
-                                 variability=variability, config=config, subset=slice(start, start + n))
-            models, y0, grow_status = cohort.model, cohort.y0, cohort.status
-            diameter, tps = cohort.baseline_diameter_cm, cohort.tps_class
-        if schedule is None:
-            schedule = compile_schedule(regimen, drugs, grid, n_lesions=n_lesions)
-            n_points = int(schedule.times.shape[0])
-        traj = simulate_batch(models, y0, schedule, config)
-        status = jnp.where(grow_status != STATUS_OK, grow_status, traj.status)
-        obs = _observe(models, traj.ys)
-        part = {k: np.asarray(obs[k]) for k in OBSERVABLES}
-        part["status"] = np.asarray(status)
-        part["baseline"] = np.asarray(diameter)
-        part["tps"] = np.asarray(tps)
-        part["viable"] = np.asarray(traj.viable_fraction_at_surgery)
-        if n_lesions == 1:
-            cols = jax.vmap(lambda m, ys: simbiology_columns(m, ys, drug=drugs[0]))(models, traj.ys)
-            part["simbiology"] = {k: np.asarray(v) for k, v in cols.items()}
-        parts.append(part)
-        bar.update(n)
-    bar.close()
-    cat = lambda k: np.concatenate([p[k] for p in parts])
-    observables = {k: cat(k) for k in OBSERVABLES}
-    status = cat("status")
-    result = CohortResult(
-        regimen, grid, observables, status, cat("baseline"), cat("tps"), tuple(drugs),
-        ("irradiated", "non_irradiated")[:n_lesions],
-        simbiology={k: np.concatenate([p["simbiology"][k] for p in parts]) for k in parts[0]["simbiology"]}
-        if n_lesions == 1 else None,
-        viable_fraction_at_surgery=cat("viable"),
-        meta={"timeline_points": int(n_points), "rtol": rtol},
-    )
-    if result.n_failed > max_failed_fraction * n_patients:
-        raise CohortFailure(f"{result.n_failed} of {n_patients} patients failed to solve "
-                            f"(allowed: {max_failed_fraction:.0%}); statuses: {_status_counts(status)}")
-    return result
+    population = build_population(
+        params, n_patients, seed, drugs, variability=variability, exported_initial_state=exported_initial_state,
+        spec=load_population(population_file), target=target, config=config, chunk=chunk, progress=progress)
+    return treat_population(population, [regimen], days=days, output_every=output_every, config=config,
+                            chunk=chunk, max_failed_fraction=max_failed_fraction, progress=progress)[0]
 
 
-def _status_counts(status: np.ndarray) -> dict[str, int]:
+def status_counts(status: np.ndarray) -> dict[str, int]:
+    """How many patients ended with each solver status, by status name."""
     values, counts = np.unique(status, return_counts=True)
     return {STATUS_NAMES.get(int(v), str(v)): int(c) for v, c in zip(values, counts)}
 
@@ -154,25 +272,30 @@ def per_patient_summary(result: CohortResult) -> list[dict]:
     return rows
 
 
-def write_outputs(result: CohortResult, out: Path, prov: dict) -> None:
-    """``trajectories.nc`` (xarray), ``summary.json``, ``run.json``, and ``trajectory.csv`` for a
-    single one-lesion patient (columns of the SimBiology reference export). Each file is written
-    atomically."""
+def write_trajectories(result: CohortResult, path: Path) -> None:
+    """Observables per patient, day and lesion as a netCDF file (xarray, written atomically)."""
     import xarray as xr
 
-    out = Path(out)
     coords = {"patient": np.arange(len(result.status)), "time_days": result.days, "lesion": list(result.lesions)}
     data = {k: (("patient", "time_days", "lesion"), v) for k, v in result.observables.items()}
     ds = xr.Dataset(data, coords=coords)
     ds["status"] = ("patient", result.status.astype(np.int32))
     ds["baseline_diameter_cm"] = ("patient", result.baseline_diameter_cm)
     ds.attrs.update({"regimen": result.regimen.name, "status_codes": str(STATUS_NAMES)})
-    atomic_write(out / "trajectories.nc", lambda p: ds.to_netcdf(p, engine="h5netcdf"))
+    atomic_write(path, lambda p: ds.to_netcdf(p, engine="h5netcdf"))
+
+
+def write_outputs(result: CohortResult, out: Path, prov: dict) -> None:
+    """``trajectories.nc`` (xarray), ``summary.json``, ``run.json``, and ``trajectory.csv`` for a
+    single one-lesion patient (columns of the SimBiology reference export). Each file is written
+    atomically."""
+    out = Path(out)
+    write_trajectories(result, out / "trajectories.nc")
     summary = {
         "regimen": result.regimen.name,
         "n_patients": int(len(result.status)),
         "n_failed": result.n_failed,
-        "status_counts": _status_counts(result.status),
+        "status_counts": status_counts(result.status),
         "patients": per_patient_summary(result),
     }
     atomic_write_json(out / "summary.json", summary)

@@ -18,6 +18,7 @@ import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optimistix as optx
 from jax import lax
 from jax.flatten_util import ravel_pytree
@@ -123,9 +124,9 @@ def _integrate_segment(model: QSPModel, system: _FlatSystem, z0, t0, t1, dt0, gr
     """Integrate the flat system from t0 to t1, starting with step ``dt0``, and write the state at
     the ``grid`` days inside [t0, t1] into ``saved`` (G, n).
 
-    A lesion whose cancer cells fall below the extinction threshold is set to zero at that
-    instant (QSP-IO's event), located by a root find: the solve stops there, the lesion is
-    cleared, and the solve goes on. Each lesion can go extinct once, so ``n_lesions + 1`` solves
+    A lesion whose cancer cells fall below the extinction threshold is set to zero (QSP-IO's
+    event) at the end of the solver step in which it crossed: the solve stops there, the lesion
+    is cleared, and the solve goes on. Each lesion can go extinct once, so ``n_lesions + 1`` solves
     cover a segment (the spare ones have t0 = t1 and cost nothing).
     Returns (z(t1), saved, status, steps, accepted steps).
     """
@@ -134,12 +135,15 @@ def _integrate_segment(model: QSPModel, system: _FlatSystem, z0, t0, t1, dt0, gr
     def cancer_cells(z):
         return system.unravel(z * system.scale)["C1"]
 
-    def above_threshold(t, y, args, **kwargs):
-        # ``y`` is the flat scaled state, ``args`` which lesions still have cancer cells.
-        margin = jnp.where(args, cancer_cells(y) / threshold - 1.0, 1.0)
-        return jnp.min(margin)
+    def fell_below(t, y, args, **kwargs):
+        # ``y`` is the flat scaled state, ``args`` which lesions still had cancer cells.
+        return jnp.any(args & (cancer_cells(y) < threshold))
 
-    event = dfx.Event(above_threshold, root_finder=optx.Newton(rtol=1e-8, atol=1e-8))
+    # A boolean event: the solve stops at the end of the step in which a lesion fell below the
+    # threshold (within a fraction of a cell of it), with no root find. A root find located the
+    # crossing more finely but its iterates could leave the step (Newton) or reject a crossing at
+    # the step's end (bisection), failing whole patients for a sub-cell detail.
+    event = dfx.Event(fell_below)
 
     def piece(_, carry):
         z, t_start, saved, status, steps, accepted = carry
@@ -156,10 +160,6 @@ def _integrate_segment(model: QSPModel, system: _FlatSystem, z0, t0, t1, dt0, gr
         inside = (grid >= t_start) & (grid <= t_end)
         saved = jnp.where(inside[:, None], z_grid, saved)
         y_end = model.apply_extinction(system.unravel(z_end * system.scale))
-        # The root find stops within ~1e-12 of the threshold, on either side: the lesion that
-        # stopped the solve is cleared even if it lies a hair above.
-        hit = (sol.result == dfx.RESULTS.event_occurred) & alive & (y_end["C1"] <= threshold * (1.0 + 1e-6))
-        y_end["C1"] = jnp.where(hit, 0.0, y_end["C1"])
         z_end = ravel_pytree(y_end)[0] / system.scale
         piece_status = _status_of(sol.result)
         status = jnp.where(status == STATUS_OK, piece_status, status)
@@ -237,9 +237,36 @@ def simulate_patient(model: QSPModel, y0: State, schedule: Schedule, config: Sol
 
 
 def simulate_batch(model_batch: QSPModel, y0_batch: State, schedule: Schedule,
-                   config: SolverConfig = SolverConfig()) -> Trajectory:
-    """Solve a batch of patients: a leading patient axis on every leaf of the model and states."""
+                   config: SolverConfig = SolverConfig(), *, devices=None) -> Trajectory:
+    """Solve a batch of patients: a leading patient axis on every leaf of the model and states.
+
+    With more than one device (``devices``, default every local device), the patient axis is
+    sharded over them (:func:`shard_patients`) and the same compiled program runs on each
+    shard; the result is the same as on one device.
+    """
+    devices = jax.local_devices() if devices is None else list(devices)
+    if len(devices) > 1:
+        model_batch, y0_batch = shard_patients((model_batch, y0_batch), devices)
     return _simulate_batch_jit(model_batch, y0_batch, schedule, config)
+
+
+def shard_patients(tree, devices):
+    """Place every array leaf of ``tree`` with its leading (patient) axis split over ``devices``
+    (a one-axis ``jax.sharding.Mesh`` named ``patients``); leaves whose leading axis does not
+    divide evenly, and scalars, are replicated."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.asarray(devices), ("patients",))
+    split = NamedSharding(mesh, PartitionSpec("patients"))
+    whole = NamedSharding(mesh, PartitionSpec())
+
+    def put(x):
+        if not eqx.is_array(x):
+            return x
+        even = x.ndim > 0 and x.shape[0] % len(devices) == 0
+        return jax.device_put(x, split if even else whole)
+
+    return jax.tree_util.tree_map(put, tree)
 
 
 @eqx.filter_jit

@@ -8,6 +8,7 @@ patient's baseline diameter by the untreated model (``qspjax.simulate.grow_to_ba
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +26,25 @@ from qspjax.errors import QSPValidationError
 from qspjax.model.composer import QSPModel, module_param_specs
 from qspjax.model.reference import state_from_species
 from qspjax.params import PARAMS_DIR, ParameterSet
-from qspjax.simulate import SolverConfig, grow_to_baseline, untreated_seed_state
+from qspjax.simulate import SolverConfig, grow_to_baseline, shard_patients, untreated_seed_state
 
 DEFAULT_POPULATION_FILE = PARAMS_DIR / "population.yaml"
 TPS_CLASSES = ("lt1", "1to49", "ge50")
 DISTRIBUTIONS = ("lognormal", "logitnormal")
+
+
+@dataclass(frozen=True)
+class Plausibility:
+    """Ranges a virtual patient must fall in at baseline to be kept (plausibility filter).
+
+    ``volume_doubling_days``: untreated tumor volume doubling time at baseline (days);
+    ``growth_days``: time the pre-treatment growth took from the seed to the baseline diameter;
+    ``blood_cd8_cells``: effector CD8 T cells in blood at baseline (cells).
+    """
+
+    volume_doubling_days: tuple[float, float] = (20.0, 2000.0)
+    growth_days: tuple[float, float] = (0.0, 3650.0)
+    blood_cd8_cells: tuple[float, float] = (0.0, math.inf)
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,7 @@ class PopulationSpec:
     tps_probabilities: tuple[float, float, float] = (0.33, 0.37, 0.30)
     tps_multipliers: tuple[float, float, float] = (0.1, 1.0, 3.0)
     source: str = ""
+    plausibility: Plausibility = field(default_factory=Plausibility)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -64,10 +80,11 @@ def load_population(path: str | Path | None = None) -> PopulationSpec:
         raise QSPValidationError(path, "(file)", str(path), f"is not valid YAML: {exc}") from None
     if not isinstance(doc, Mapping):
         raise QSPValidationError(path, "(top level)", doc, "a mapping is required")
-    unknown = set(doc) - {"description", "variability", "baseline"}
+    unknown = set(doc) - {"description", "variability", "baseline", "plausibility"}
     if unknown:
         k = sorted(unknown)[0]
-        raise QSPValidationError(path, k, doc[k], "unknown key; allowed: description, variability, baseline")
+        raise QSPValidationError(path, k, doc[k],
+                                 "unknown key; allowed: description, variability, baseline, plausibility")
     specs = module_param_specs()
     dists, cvs = {}, {}
     for name, entry in (doc.get("variability") or {}).items():
@@ -101,7 +118,32 @@ def load_population(path: str | Path | None = None) -> PopulationSpec:
         float(diam.get("min", 1.0)), float(diam.get("max", 10.0)),
         float(second.get("median", 0.6)), float(second.get("cv", 0.4)),
         p, tuple(float(mults[c]) for c in TPS_CLASSES), str(doc.get("description", "")),
+        _read_plausibility(path, doc.get("plausibility") or {}),
     )
+
+
+def _read_plausibility(path: Path, doc: Any) -> Plausibility:
+    if not isinstance(doc, Mapping):
+        raise QSPValidationError(path, "plausibility", doc, "a mapping of ranges is required")
+    defaults = Plausibility()
+    ranges = {}
+    for key, value in doc.items():
+        where = f"plausibility.{key}"
+        if key == "source":
+            continue
+        if key not in Plausibility.__dataclass_fields__:
+            raise QSPValidationError(path, where, value, f"unknown key; allowed: {sorted(Plausibility.__dataclass_fields__)}")
+        if not isinstance(value, Mapping) or set(value) - {"min", "max", "source"}:
+            raise QSPValidationError(path, where, value, "a mapping with min and/or max (and source) is required")
+        lo, hi = getattr(defaults, key)
+        lo, hi = value.get("min", lo), value.get("max", hi)
+        for bound_name, bound in (("min", lo), ("max", hi)):
+            if isinstance(bound, bool) or not isinstance(bound, (int, float)) or math.isnan(bound):
+                raise QSPValidationError(path, f"{where}.{bound_name}", bound, "a number is required")
+        if not lo < hi:
+            raise QSPValidationError(path, where, value, "min must be below max")
+        ranges[key] = (float(lo), float(hi))
+    return Plausibility(**ranges)
 
 
 class PopulationParams(eqx.Module):
@@ -224,12 +266,12 @@ def make_cohort(
     pop: PopulationParams | None = None,
     variability: bool = True,
     config: SolverConfig = SolverConfig(),
-    subset: slice | None = None,
+    subset: slice | np.ndarray | None = None,
 ) -> Cohort:
     """Sample ``n`` patients from ``seed`` and grow each one's tumor to its baseline diameter.
 
     With ``variability=False`` every patient has the nominal parameters and the parameter file's
-    baseline diameter; a patient whose growth fails is kept and flagged in ``status``. ``subset``
+    baseline diameter; a patient whose growth fails is kept and flagged in ``status``. ``subset`` (a slice or index array)
     selects patients of the ``n`` drawn (chunked runs draw the whole cohort once).
     """
     spec = spec or load_population()
@@ -256,7 +298,12 @@ def make_cohort(
 
 
 def grow_cohort(models: QSPModel, params: ParameterSet, diameter_cm, second_ratio, config: SolverConfig):
-    """Pre-treatment growth of every patient of a batched model to its baseline diameter."""
+    """Pre-treatment growth of every patient of a batched model to its baseline diameter (the
+    patient axis sharded over the local devices when there are several)."""
+    devices = jax.local_devices()
+    if len(devices) > 1:
+        models, diameter_cm, second_ratio = shard_patients((models, jnp.asarray(diameter_cm), jnp.asarray(second_ratio)),
+                                                           devices)
     return _grow_jit(models, params.initial_state, diameter_cm, second_ratio, config)
 
 
@@ -271,3 +318,112 @@ def _grow_jit(models, species, diameter_cm, second_ratio, config):
         return grow_to_baseline(model, seed_state, d, config)
 
     return jax.vmap(one)(models, diameter_cm, second_ratio)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plausibility and matching a trial arm's baseline
+# ---------------------------------------------------------------------------------------------
+PLAUSIBILITY_REASONS = ("growth_failed", "volume_doubling_days", "growth_days", "blood_cd8_cells")
+
+
+def baseline_readouts(cohort: Cohort) -> dict[str, np.ndarray]:
+    """Per-patient baseline quantities the plausibility filter looks at (numpy, (n,)).
+
+    The volume doubling time is ln 2 over the instantaneous untreated growth rate of the index
+    lesion's volume, d ln V / dt, evaluated on the model's right-hand side at baseline.
+    """
+    def growth_rate(model, y):
+        volume = lambda state: model.lesion_volume(state)[0]
+        v, dv = jax.jvp(volume, (y,), (model.rates(y),))
+        return dv / v
+
+    rate = np.asarray(_baseline_growth_rate_jit(cohort.model, cohort.y0, growth_rate))
+    with np.errstate(divide="ignore"):
+        doubling = np.where(rate > 0, math.log(2.0) / np.where(rate > 0, rate, 1.0), np.inf)
+    return {
+        "volume_doubling_days": doubling,
+        "growth_days": np.asarray(cohort.growth_days),
+        "blood_cd8_cells": np.asarray(cohort.y0["T1_C"]),
+    }
+
+
+@eqx.filter_jit
+def _baseline_growth_rate_jit(models, y0, fn):
+    return jax.vmap(fn)(models, y0)
+
+
+def plausibility_reasons(cohort: Cohort, rule: Plausibility) -> np.ndarray:
+    """Why each patient is implausible: an index into ``PLAUSIBILITY_REASONS``, or -1 if kept."""
+    from qspjax.simulate import STATUS_OK
+
+    read = baseline_readouts(cohort)
+    reason = np.full(len(read["growth_days"]), -1)
+    checks = [("growth_failed", np.asarray(cohort.status) != STATUS_OK)]
+    for key in PLAUSIBILITY_REASONS[1:]:
+        lo, hi = getattr(rule, key)
+        value = read[key]
+        checks.append((key, ~((value >= lo) & (value <= hi))))
+    for key, bad in reversed(checks):  # the first failing check is the one reported
+        reason = np.where(bad, PLAUSIBILITY_REASONS.index(key), reason)
+    return reason
+
+
+@dataclass(frozen=True)
+class BaselineTarget:
+    """A trial arm's baseline mix a virtual cohort is matched to (what the arm reports).
+
+    ``tps_probabilities``: PD-L1 class fractions (<1 %, 1–49 %, ≥50 %) or None;
+    ``diameter_median_cm``: median index-lesion diameter or None. ``notes`` says what was used
+    and what could not be (stage mix: the model has no nodal or metastatic stage).
+    """
+
+    tps_probabilities: tuple[float, float, float] | None = None
+    diameter_median_cm: float | None = None
+    notes: tuple[str, ...] = ()
+
+
+def target_from_arm(arm) -> BaselineTarget:
+    """The matchable part of a trial arm's baseline (:class:`qspjax.data.Arm`)."""
+    notes = []
+    tps = None
+    if arm.pdl1_lt1_pct is not None and arm.pdl1_ge50_pct is not None:
+        lt1, ge50 = arm.pdl1_lt1_pct / 100.0, arm.pdl1_ge50_pct / 100.0
+        mid = max(0.0, 1.0 - lt1 - ge50)
+        total = lt1 + mid + ge50
+        tps = (lt1 / total, mid / total, ge50 / total)
+        notes.append(f"PD-L1 TPS classes matched to <1 %: {arm.pdl1_lt1_pct:g} %, >=50 %: {arm.pdl1_ge50_pct:g} %")
+    elif arm.pdl1_lt1_pct is not None or arm.pdl1_ge50_pct is not None:
+        notes.append("PD-L1: only one class reported; population default class mix kept")
+    diameter = _median_diameter_cm(arm.tumor_size_text)
+    if diameter is not None:
+        notes.append(f"median index-lesion diameter set to {diameter:g} cm from '{arm.tumor_size_text}'")
+    elif arm.tumor_size_text:
+        notes.append(f"tumor size '{arm.tumor_size_text}' is not a diameter; population default kept")
+    if arm.stage_mix or arm.stage_text:
+        notes.append("stage mix not matched: the model has no nodal or metastatic stage")
+    return BaselineTarget(tps, diameter, tuple(notes))
+
+
+def _median_diameter_cm(text: str | None) -> float | None:
+    """A median diameter from texts such as 'Diam: 2 cm (1.4–2.6)', '45 mm (31–60)', 'median 24.5 mm'."""
+    import re
+
+    if not text:
+        return None
+    m = re.search(r"(?:Diam:\s*|median\s+|^)\s*([0-9]+(?:\.[0-9]+)?)\s*(cm|mm)\b", text)
+    if not m:
+        return None
+    value = float(m.group(1))
+    return value / 10.0 if m.group(2) == "mm" else value
+
+
+def matched_spec(spec: PopulationSpec, target: BaselineTarget | None) -> PopulationSpec:
+    """``spec`` with its baseline re-centred on ``target`` (PD-L1 classes, median diameter)."""
+    if target is None:
+        return spec
+    changes: dict[str, Any] = {}
+    if target.tps_probabilities is not None:
+        changes["tps_probabilities"] = target.tps_probabilities
+    if target.diameter_median_cm is not None:
+        changes["diameter_median_cm"] = target.diameter_median_cm
+    return dataclasses.replace(spec, **changes)

@@ -1,0 +1,140 @@
+"""``qspjax trial`` and ``qspjax compare``: virtual clinical trials and protocol comparisons."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from qspjax.errors import QSPValidationError
+
+
+def _common(p: argparse.ArgumentParser, default_rtol: float = 1e-5) -> None:
+    p.add_argument("--params", default=None, help="main parameter file (default configs/params/qspio_example1.yaml)")
+    p.add_argument("--population", default=None, help="population file (default configs/params/population.yaml)")
+    p.add_argument("--patients", type=int, default=100, help="virtual patients per arm (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the virtual population (default 0)")
+    p.add_argument("--output-every", type=float, default=1.0, help="days between saved time points (default 1)")
+    p.add_argument("--chunk", type=int, default=64, help="patients solved per compiled batch (default 64)")
+    p.add_argument("--rtol", type=float, default=default_rtol,
+                   help=f"solver relative tolerance (default {default_rtol:g}; RECIST reads diameters to ~1 %%)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("trial", help="run a virtual clinical trial of one arm or regimen",
+                       description="Simulate a screened virtual cohort under a dataset arm's regimen (matched to "
+                                   "its baseline) or a regimen file; write RECIST 1.1 endpoints, a per-patient "
+                                   "table and plots, with the arm's published values beside.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--arm", help="dataset arm id NCT…:ARM (see `qspjax trials show NCT…`)")
+    which.add_argument("--regimen", help="regimen YAML file (configs/regimens/README.md)")
+    p.add_argument("--days", type=float, default=None,
+                   help="simulated days (default: the arm's follow-up, else 400)")
+    p.add_argument("--assessment-interval", type=float, default=56.0,
+                   help="days between RECIST assessments (default 56 = 8 weeks)")
+    p.add_argument("--target", choices=("all", "non_irradiated"), default="all",
+                   help="RECIST target lesions (default all; PEMBRO-RT-like trials: non_irradiated)")
+    p.add_argument("--death-rate-per-day", type=float, default=0.0,
+                   help="constant competing death hazard for PFS (default 0)")
+    p.add_argument("--no-match", action="store_true", help="do not match the arm's baseline mix")
+    _common(p)
+    p.set_defaults(func=run_trial)
+
+    c = sub.add_parser("compare", help="compare protocols on one virtual population",
+                       description="Simulate every protocol of an experiment file on the same screened virtual "
+                                   "population; write a table, a bar plot of ORR beside the reported values and "
+                                   "summary.json.")
+    c.add_argument("experiment", help="experiment YAML file (configs/experiments/README.md)")
+    _common(c)
+    c.set_defaults(func=run_compare)
+
+
+def _check(args) -> None:
+    if args.patients <= 0:
+        raise QSPValidationError("command line", "--patients", args.patients, "must be a positive integer")
+    if args.chunk <= 0:
+        raise QSPValidationError("command line", "--chunk", args.chunk, "must be a positive integer")
+    if not (0 < args.rtol < 1e-2):
+        raise QSPValidationError("command line", "--rtol", args.rtol, "must be in (0, 1e-2)")
+    if not (math.isfinite(args.output_every) and args.output_every > 0):
+        raise QSPValidationError("command line", "--output-every", args.output_every, "must be a positive number of days")
+    for name in ("days", "assessment_interval"):
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise QSPValidationError("command line", f"--{name.replace('_', '-')}", value, "must be a positive number of days")
+    rate = getattr(args, "death_rate_per_day", 0.0)
+    if not (math.isfinite(rate) and rate >= 0):
+        raise QSPValidationError("command line", "--death-rate-per-day", rate, "must be a non-negative rate")
+
+
+def _config(args) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+
+
+def run_trial(args: argparse.Namespace) -> int:
+    _check(args)
+    from qspjax.io import prepare_out_dir, provenance
+    from qspjax.params import load_parameters
+    from qspjax.regimen import load_regimen, parse_regimen
+    from qspjax.runner import run_cohort
+    from qspjax.virtual_trial import Assessment, evaluate, published_endpoints, write_trial
+    from qspjax.vpop import target_from_arm
+
+    published = target = None
+    if args.arm:
+        from qspjax.data import load_trials
+
+        arm = load_trials().get_arm(args.arm)  # an unknown id is refused with the known ones listed
+        regimen = parse_regimen(arm.regimen, source=f"configs/trials/{arm.nct_id}.yaml: arm {arm.arm_id}.regimen")
+        days = args.days or float(arm.follow_up_days)
+        published = published_endpoints(arm)
+        target = None if args.no_match else target_from_arm(arm)
+    else:
+        regimen = load_regimen(args.regimen)
+        days = args.days or 400.0
+    if args.output_every > days:
+        raise QSPValidationError("command line", "--output-every", args.output_every, f"must be at most --days ({days:g})")
+    assessment = Assessment(args.assessment_interval, args.target, death_rate_per_day=args.death_rate_per_day)
+    params = load_parameters(args.params)
+    out = prepare_out_dir(args.out, args.overwrite)
+    result = run_cohort(params, regimen, n_patients=args.patients, seed=args.seed, days=days,
+                        output_every=args.output_every, population_file=args.population, chunk=args.chunk,
+                        rtol=args.rtol, progress=True, target=target)
+    outcome = evaluate(result, assessment, seed=args.seed)
+    summary = write_trial(out, result, outcome, provenance(config=_config(args), seed=args.seed), published)
+    line = f"ORR {100 * summary['orr']:.1f} % (95 % CI {100 * summary['orr_ci'][0]:.1f}–{100 * summary['orr_ci'][1]:.1f})"
+    if published and published.get("orr") is not None:
+        line += f"; published {100 * published['orr']:.1f} %"
+    print(f"{regimen.name}: {summary['n_evaluated']}/{args.patients} patients evaluated; {line}; outputs in {out}")
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    _check(args)
+    from qspjax.io import prepare_out_dir, provenance
+    from qspjax.params import load_parameters
+    from qspjax.runner import build_population, treat_population
+    from qspjax.simulate import SolverConfig
+    from qspjax.virtual_trial import comparison_table, evaluate, load_experiment, write_comparison
+    from qspjax.vpop import load_population
+
+    experiment = load_experiment(args.experiment)
+    if args.output_every > experiment.days:
+        raise QSPValidationError("command line", "--output-every", args.output_every,
+                                 f"must be at most the experiment's days ({experiment.days:g})")
+    spec = load_population(args.population)
+    params = load_parameters(args.params)
+    out = prepare_out_dir(args.out, args.overwrite)
+    drugs = tuple(dict.fromkeys(d for p in experiment.protocols for d in p.regimen.drugs)) or ("nivolumab",)
+    config = SolverConfig(rtol=args.rtol, atol=args.rtol * 1e-3)
+    population = build_population(params, args.patients, args.seed, drugs, spec=spec, config=config,
+                                  chunk=args.chunk, progress=True)
+    results = treat_population(population, [p.regimen for p in experiment.protocols], days=experiment.days,
+                               output_every=args.output_every, config=config, chunk=args.chunk, progress=True)
+    outcomes = [evaluate(r, experiment.assessment, seed=args.seed) for r in results]
+    rows = write_comparison(out, experiment, results, outcomes, provenance(config=_config(args), seed=args.seed))
+    print(comparison_table(rows))
+    print(f"outputs in {out}")
+    return 0
