@@ -26,7 +26,7 @@ from qspjax.errors import QSPValidationError
 from qspjax.model.composer import QSPModel, module_param_specs
 from qspjax.model.reference import state_from_species
 from qspjax.params import PARAMS_DIR, ParameterSet
-from qspjax.simulate import SolverConfig, grow_to_baseline, shard_patients, untreated_seed_state
+from qspjax.simulate import SolverConfig, grow_to_baseline, untreated_seed_state
 
 DEFAULT_POPULATION_FILE = PARAMS_DIR / "population.yaml"
 TPS_CLASSES = ("lt1", "1to49", "ge50")
@@ -298,12 +298,7 @@ def make_cohort(
 
 
 def grow_cohort(models: QSPModel, params: ParameterSet, diameter_cm, second_ratio, config: SolverConfig):
-    """Pre-treatment growth of every patient of a batched model to its baseline diameter (the
-    patient axis sharded over the local devices when there are several)."""
-    devices = jax.local_devices()
-    if len(devices) > 1:
-        models, diameter_cm, second_ratio = shard_patients((models, jnp.asarray(diameter_cm), jnp.asarray(second_ratio)),
-                                                           devices)
+    """Pre-treatment growth of every patient of a batched model to its baseline diameter."""
     return _grow_jit(models, params.initial_state, diameter_cm, second_ratio, config)
 
 

@@ -35,8 +35,10 @@ sched = compile_schedule(reg, ("nivolumab",), np.arange(0.0, 5.0), 1)
 two = simulate_batch(models, y0, sched, SolverConfig())
 one = simulate_batch(models, y0, sched, SolverConfig(), devices=jax.local_devices()[:1])
 shards = {str(s.device) for s in two.ys["C1"].addressable_shards}
-out = {"shards": len(shards), "max_abs_diff": max(float(np.max(np.abs(np.asarray(two.ys[k]) - np.asarray(one.ys[k]))))
-                                                for k in two.ys),
+def rel(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300 + 1e-12 * np.max(np.abs(b)))))
+out = {"shards": len(shards), "max_rel_diff": max(rel(two.ys[k], one.ys[k]) for k in two.ys),
        "status": np.asarray(two.status).tolist(), "c1_last": np.asarray(two.ys["C1"][:, -1, 0]).tolist()}
 print("RESULT", json.dumps(out))
 """
@@ -52,6 +54,7 @@ def test_two_cpu_devices_give_the_same_trajectories_as_one():
     out = json.loads(line[len("RESULT "):])
     assert out["shards"] == 2  # the patient axis really was split over both devices
     assert out["status"] == [0, 0, 0, 0]
-    # patients are independent, so the split changes nothing but where each one runs
-    assert out["max_abs_diff"] <= 1e-9 * max(out["c1_last"])
+    # patients are independent, so the split changes nothing but where each one runs (the two
+    # compilations may fuse differently: round-off is all that may differ)
+    assert out["max_rel_diff"] <= 1e-9
     assert len(set(out["c1_last"])) == 4
