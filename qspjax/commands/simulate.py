@@ -10,6 +10,11 @@ import numpy as np
 
 from qspjax.errors import QSPValidationError
 
+# Bounds that catch a mistyped flag before it becomes an out-of-memory grid: a century of
+# follow-up, and a saved grid of at most a million time points per patient.
+MAX_DAYS = 36525.0
+MAX_OUTPUT_DAYS = 1_000_000
+
 
 def register(sub) -> None:
     p = sub.add_parser("simulate", help="simulate virtual patients under a regimen",
@@ -34,10 +39,13 @@ def register(sub) -> None:
 def _check_args(args) -> None:
     if args.patients <= 0:
         raise QSPValidationError("command line", "--patients", args.patients, "must be a positive integer")
-    if not (math.isfinite(args.days) and args.days > 0):
-        raise QSPValidationError("command line", "--days", args.days, "must be a positive number of days")
+    if not (math.isfinite(args.days) and 0 < args.days <= MAX_DAYS):
+        raise QSPValidationError("command line", "--days", args.days, f"must be a number of days in (0, {MAX_DAYS}]")
     if not (math.isfinite(args.output_every) and 0 < args.output_every <= args.days):
         raise QSPValidationError("command line", "--output-every", args.output_every, "must be in (0, --days]")
+    if args.days / args.output_every + 1 > MAX_OUTPUT_DAYS:
+        raise QSPValidationError("command line", "--output-every", args.output_every,
+                                 f"gives more than {MAX_OUTPUT_DAYS} saved time points over --days {args.days:g}")
     if args.chunk <= 0:
         raise QSPValidationError("command line", "--chunk", args.chunk, "must be a positive integer")
     if not (0 < args.rtol < 1e-2):
