@@ -77,7 +77,6 @@ def run(args: argparse.Namespace) -> int:
     from qspjax.params import load_parameters
     from qspjax.regimen import load_regimen
     from qspjax.runner import run_cohort, write_outputs
-
     from qspjax.vpop import load_population
 
     params = load_parameters(args.params)
