@@ -67,13 +67,17 @@ class ParameterSet:
 
 def _load_yaml(path: Path) -> Any:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise QSPValidationError(path, "(file)", str(path), f"cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise QSPValidationError(path, "(file)", str(path),
+                                 f"is not a UTF-8 text file (byte {exc.start}: {exc.reason}); a YAML file is required") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise QSPValidationError(path, "(file)", str(path), f"is not valid YAML: {exc}") from None
+        detail = " ".join(str(exc).split())  # one line: the CLI prints a single-line message
+        raise QSPValidationError(path, "(file)", str(path), f"is not valid YAML (truncated?): {detail}") from None
 
 
 def _convert_entry(path: Path, where: str, entry: Any, unit_to: str) -> float:
@@ -113,10 +117,16 @@ def load_parameter_file(path: str | Path, into: ParameterSet | None = None) -> P
     out = into if into is not None else ParameterSet()
     doc = _load_yaml(path)
     if not isinstance(doc, Mapping):
-        raise QSPValidationError(path, "(top level)", type(doc).__name__, "a mapping is required")
+        raise QSPValidationError(path, "(top level)", doc, "a mapping is required"
+                                 + (" (the file is empty)" if doc is None else ""))
     for key in doc:
         if key not in _TOP_KEYS:
-            raise QSPValidationError(path, str(key), "...", f"unknown top-level key; allowed: {sorted(_TOP_KEYS)}")
+            raise QSPValidationError(path, str(key), doc[key], f"unknown top-level key (misspelt?); allowed: {sorted(_TOP_KEYS)}")
+    for key in ("parameters", "drugs"):
+        if doc.get(key) is not None and not isinstance(doc[key], Mapping):
+            raise QSPValidationError(path, key, doc[key], "a mapping of name to entry is required")
+    if doc.get("initial_state") is not None and not isinstance(doc["initial_state"], list):
+        raise QSPValidationError(path, "initial_state", doc["initial_state"], "a list of {id, value, unit} is required")
     specs = module_param_specs()
     for name, entry in (doc.get("parameters") or {}).items():
         drug_param = _split_drug_param(name)
@@ -150,7 +160,17 @@ def load_parameter_file(path: str | Path, into: ParameterSet | None = None) -> P
     for i, sp in enumerate(doc.get("initial_state") or []):
         if not isinstance(sp, Mapping) or "id" not in sp or "value" not in sp:
             raise QSPValidationError(path, f"initial_state[{i}]", sp, "a mapping with 'id' and 'value' is required")
-        out.initial_state[sp["id"]] = float(sp["value"])
+        unknown = [k for k in sp if k not in ("id", "value", "unit")]
+        if unknown:
+            raise QSPValidationError(path, f"initial_state[{i}].{unknown[0]}", sp[unknown[0]],
+                                     "unknown key (misspelt?); allowed keys are ['id', 'unit', 'value']")
+        if not isinstance(sp["id"], str) or not sp["id"].strip():
+            raise QSPValidationError(path, f"initial_state[{i}].id", sp["id"], "a species id string is required")
+        value = sp["value"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise QSPValidationError(path, f"initial_state[{i}].value", value,
+                                     "a finite, non-negative number is required (an amount of a species)")
+        out.initial_state[sp["id"]] = float(value)
     out.files.append(str(path))
     return out
 

@@ -26,6 +26,10 @@ DOSE_UNITS = ("mg", "mg/kg")
 LESIONS = ("irradiated", "non_irradiated")
 TECHNIQUES = ("sbrt", "conventional")
 SBRT_MIN_DOSE_PER_FRACTION_GY = 5.0  # technique default when not given: >= 5 Gy per fraction is SBRT
+# Caps that catch a course without a real end (a typo'd end_day of 1e9, cycles: 100000) before the
+# schedule is expanded day by day; decades of q1w dosing and any real fractionation fit well inside.
+MAX_CYCLES = 2000
+MAX_FRACTIONS = 200
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,8 @@ class _Checker:
 
     def mapping(self, where: str, value: Any, allowed_keys: Sequence[str], required: Sequence[str]) -> Mapping:
         if not isinstance(value, Mapping):
-            self.fail(where, value, "a mapping is required")
+            self.fail(where or "(top level)", value,
+                      "a mapping is required" + (" (the file is empty)" if value is None and not where else ""))
         for k in value:
             if k not in allowed_keys:
                 self.fail(f"{where}.{k}" if where else str(k), value[k],
@@ -147,10 +152,14 @@ class _Checker:
         if has_cycles == has_end:
             self.fail(f"{where}.cycles", entry.get("cycles"), "give exactly one of 'cycles' or 'end_day'")
         if has_cycles:
-            cycles = int(self.number(f"{where}.cycles", entry["cycles"], integer=True, min_value=1))
+            cycles = int(self.number(f"{where}.cycles", entry["cycles"], integer=True, min_value=1,
+                                     max_value=MAX_CYCLES))
         else:
             end = self.number(f"{where}.end_day", entry["end_day"], min_value=start)
             cycles = int(math.floor((end - start) / interval + 1e-9)) + 1
+            if cycles > MAX_CYCLES:
+                self.fail(f"{where}.end_day", entry["end_day"],
+                          f"gives {cycles} cycles of {interval:g} days; at most {MAX_CYCLES} are allowed")
         return start, interval, cycles
 
 
@@ -165,6 +174,9 @@ def parse_regimen(doc: Any, source: str = "<regimen>") -> Regimen:
     ck = _Checker(source)
     ck.mapping("", doc, _TOP_KEYS, ("name",))
     name = ck.string("name", doc["name"])
+    for key in ("description", "source"):
+        if key in doc and not isinstance(doc[key], str):
+            ck.fail(key, doc[key], "a string is required")
     for key in ("ici", "rt", "chemo", "surgery"):
         if doc.get(key) is not None and not isinstance(doc[key], list):
             ck.fail(key, doc[key], "a list is required")
@@ -182,7 +194,7 @@ def parse_regimen(doc: Any, source: str = "<regimen>") -> Regimen:
         w = f"rt[{i}]"
         ck.mapping(w, e, _RT_KEYS, ("dose_per_fraction_gy", "fractions"))
         d = ck.number(f"{w}.dose_per_fraction_gy", e["dose_per_fraction_gy"], positive=True, max_value=40.0)
-        n = int(ck.number(f"{w}.fractions", e["fractions"], integer=True, min_value=1))
+        n = int(ck.number(f"{w}.fractions", e["fractions"], integer=True, min_value=1, max_value=MAX_FRACTIONS))
         if "days" in e:
             if "start_day" in e or "days_per_week" in e:
                 ck.fail(f"{w}.days", e["days"], "give either 'days' or 'start_day'/'days_per_week', not both")
@@ -233,15 +245,24 @@ def parse_regimen(doc: Any, source: str = "<regimen>") -> Regimen:
 def load_regimen(path: str | Path) -> Regimen:
     """Read and validate a regimen YAML file."""
     path = Path(path)
+    return parse_regimen(_read_yaml(path), source=str(path))
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML document of ``path``; an unreadable, non-text or malformed file is a :class:`QSPValidationError`."""
+    path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise QSPValidationError(path, "(file)", str(path), f"cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise QSPValidationError(path, "(file)", str(path),
+                                 f"is not a UTF-8 text file (byte {exc.start}: {exc.reason}); a YAML file is required") from None
     try:
-        doc = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise QSPValidationError(path, "(file)", str(path), f"is not valid YAML (truncated?): {exc}") from None
-    return parse_regimen(doc, source=str(path))
+        detail = " ".join(str(exc).split())  # one line: the CLI prints a single-line message
+        raise QSPValidationError(path, "(file)", str(path), f"is not valid YAML (truncated?): {detail}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,53 +73,81 @@ def load_population(path: str | Path | None = None) -> PopulationSpec:
     """Read and validate a population file (default ``configs/params/population.yaml``)."""
     path = Path(path) if path is not None else DEFAULT_POPULATION_FILE
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise QSPValidationError(path, "(file)", str(path), f"cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise QSPValidationError(path, "(file)", str(path),
+                                 f"is not a UTF-8 text file (byte {exc.start}: {exc.reason}); a YAML file is required") from None
     except yaml.YAMLError as exc:
-        raise QSPValidationError(path, "(file)", str(path), f"is not valid YAML: {exc}") from None
-    if not isinstance(doc, Mapping):
-        raise QSPValidationError(path, "(top level)", doc, "a mapping is required")
-    unknown = set(doc) - {"description", "variability", "baseline", "plausibility"}
-    if unknown:
-        k = sorted(unknown)[0]
-        raise QSPValidationError(path, k, doc[k],
-                                 "unknown key; allowed: description, variability, baseline, plausibility")
+        detail = " ".join(str(exc).split())  # one line: the CLI prints a single-line message
+        raise QSPValidationError(path, "(file)", str(path), f"is not valid YAML (truncated?): {detail}") from None
+
+    def mapping(where: str, value: Any, allowed: tuple[str, ...]) -> Mapping:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise QSPValidationError(path, where, value, "a mapping is required")
+        for key in value:
+            if key not in allowed:
+                raise QSPValidationError(path, f"{where}.{key}" if where != "(top level)" else str(key), value[key],
+                                         f"unknown key (misspelt?); allowed keys are {list(allowed)}")
+        return value
+
+    def number(where: str, value: Any, lo: float, hi: float = math.inf, lo_open: bool = False) -> float:
+        bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        if bad or value < lo or (lo_open and value == lo) or value >= hi:
+            raise QSPValidationError(path, where, value, f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}) is required")
+        return float(value)
+
+    if doc is None:  # an empty file: say so rather than run on the defaults
+        raise QSPValidationError(path, "(top level)", None, "a mapping is required (the file is empty)")
+    doc = mapping("(top level)", doc, ("description", "variability", "baseline", "plausibility"))
     specs = module_param_specs()
     dists, cvs = {}, {}
-    for name, entry in (doc.get("variability") or {}).items():
+    variability = doc.get("variability") or {}
+    if not isinstance(variability, Mapping):
+        raise QSPValidationError(path, "variability", variability, "a mapping of parameter name to {distribution, cv} is required")
+    for name, entry in variability.items():
         where = f"variability.{name}"
         if name not in specs:
-            raise QSPValidationError(path, where, name, "not a model parameter")
+            raise QSPValidationError(path, where, name, "not a model parameter (misspelt?)")
         if not isinstance(entry, Mapping):
             raise QSPValidationError(path, where, entry, "a mapping with distribution and cv is required")
+        mapping(where, entry, ("distribution", "cv", "source"))
         dist = entry.get("distribution", "lognormal")
         if dist not in DISTRIBUTIONS:
             raise QSPValidationError(path, f"{where}.distribution", dist, f"allowed values are {list(DISTRIBUTIONS)}")
-        cv = entry.get("cv")
-        if isinstance(cv, bool) or not isinstance(cv, (int, float)) or not (0 <= cv < 10) or not math.isfinite(cv):
-            raise QSPValidationError(path, f"{where}.cv", cv, "a number in [0, 10) is required")
-        dists[name], cvs[name] = dist, float(cv)
-    base = doc.get("baseline") or {}
-    diam = base.get("diameter_cm", {})
-    second = base.get("second_lesion_ratio", {})
-    tps = base.get("pdl1_tps", {})
+        if "cv" not in entry:
+            raise QSPValidationError(path, f"{where}.cv", None, "required field is missing")
+        dists[name], cvs[name] = dist, number(f"{where}.cv", entry["cv"], 0.0, 10.0)
+    base = mapping("baseline", doc.get("baseline"), ("diameter_cm", "second_lesion_ratio", "pdl1_tps"))
+    diam = mapping("baseline.diameter_cm", base.get("diameter_cm"), ("median", "cv", "min", "max", "source"))
+    second = mapping("baseline.second_lesion_ratio", base.get("second_lesion_ratio"), ("median", "cv", "source"))
+    tps = mapping("baseline.pdl1_tps", base.get("pdl1_tps"), ("probabilities", "pdl1_multiplier", "source"))
+    w = "baseline.diameter_cm"
+    d_median = number(f"{w}.median", diam.get("median", 3.0), 0.0, lo_open=True)
+    d_cv = number(f"{w}.cv", diam.get("cv", 0.4), 0.0, 10.0)
+    d_min = number(f"{w}.min", diam.get("min", 1.0), 0.0, lo_open=True)
+    d_max = number(f"{w}.max", diam.get("max", 10.0), d_min)
+    w = "baseline.second_lesion_ratio"
+    s_median = number(f"{w}.median", second.get("median", 0.6), 0.0, lo_open=True)
+    s_cv = number(f"{w}.cv", second.get("cv", 0.4), 0.0, 10.0)
     probs = tps.get("probabilities", {"lt1": 0.33, "1to49": 0.37, "ge50": 0.30})
     mults = tps.get("pdl1_multiplier", {"lt1": 0.1, "1to49": 1.0, "ge50": 3.0})
-    for key, mapping in (("probabilities", probs), ("pdl1_multiplier", mults)):
-        if set(mapping) != set(TPS_CLASSES):
-            raise QSPValidationError(path, f"baseline.pdl1_tps.{key}", sorted(mapping), f"keys must be {list(TPS_CLASSES)}")
-    p = tuple(float(probs[c]) for c in TPS_CLASSES)
-    if any(x < 0 for x in p) or abs(sum(p) - 1.0) > 1e-6:
-        raise QSPValidationError(path, "baseline.pdl1_tps.probabilities", probs, "non-negative and summing to 1")
-    return PopulationSpec(
-        dists, cvs,
-        float(diam.get("median", 3.0)), float(diam.get("cv", 0.4)),
-        float(diam.get("min", 1.0)), float(diam.get("max", 10.0)),
-        float(second.get("median", 0.6)), float(second.get("cv", 0.4)),
-        p, tuple(float(mults[c]) for c in TPS_CLASSES), str(doc.get("description", "")),
-        _read_plausibility(path, doc.get("plausibility") or {}),
-    )
+    for key, value in (("probabilities", probs), ("pdl1_multiplier", mults)):
+        if not isinstance(value, Mapping) or set(value) != set(TPS_CLASSES):
+            raise QSPValidationError(path, f"baseline.pdl1_tps.{key}", value,
+                                     f"a mapping with exactly the keys {list(TPS_CLASSES)} is required")
+    p = tuple(number(f"baseline.pdl1_tps.probabilities.{c}", probs[c], 0.0, 1.0 + 1e-9) for c in TPS_CLASSES)
+    if abs(sum(p) - 1.0) > 1e-6:
+        raise QSPValidationError(path, "baseline.pdl1_tps.probabilities", dict(probs), "non-negative and summing to 1")
+    m = tuple(number(f"baseline.pdl1_tps.pdl1_multiplier.{c}", mults[c], 0.0) for c in TPS_CLASSES)
+    description = doc.get("description", "")
+    if not isinstance(description, str):
+        raise QSPValidationError(path, "description", description, "a string is required")
+    return PopulationSpec(dists, cvs, d_median, d_cv, d_min, d_max, s_median, s_cv, p, m, description,
+                          _read_plausibility(path, doc.get("plausibility") or {}))
 
 
 def _read_plausibility(path: Path, doc: Any) -> Plausibility:

@@ -10,6 +10,11 @@ import numpy as np
 
 from qspjax.errors import QSPValidationError
 
+# Bounds that catch a mistyped flag before it becomes an out-of-memory grid: a century of
+# follow-up, and a saved grid of at most a million time points per patient.
+MAX_DAYS = 36525.0
+MAX_OUTPUT_DAYS = 1_000_000
+
 
 def register(sub) -> None:
     p = sub.add_parser("simulate", help="simulate virtual patients under a regimen",
@@ -34,14 +39,36 @@ def register(sub) -> None:
 def _check_args(args) -> None:
     if args.patients <= 0:
         raise QSPValidationError("command line", "--patients", args.patients, "must be a positive integer")
-    if not (math.isfinite(args.days) and args.days > 0):
-        raise QSPValidationError("command line", "--days", args.days, "must be a positive number of days")
+    if not (math.isfinite(args.days) and 0 < args.days <= MAX_DAYS):
+        raise QSPValidationError("command line", "--days", args.days, f"must be a number of days in (0, {MAX_DAYS}]")
     if not (math.isfinite(args.output_every) and 0 < args.output_every <= args.days):
         raise QSPValidationError("command line", "--output-every", args.output_every, "must be in (0, --days]")
+    if args.days / args.output_every + 1 > MAX_OUTPUT_DAYS:
+        raise QSPValidationError("command line", "--output-every", args.output_every,
+                                 f"gives more than {MAX_OUTPUT_DAYS} saved time points over --days {args.days:g}")
     if args.chunk <= 0:
         raise QSPValidationError("command line", "--chunk", args.chunk, "must be a positive integer")
     if not (0 < args.rtol < 1e-2):
         raise QSPValidationError("command line", "--rtol", args.rtol, "must be in (0, 1e-2)")
+    if args.seed < 0:  # numpy's generators refuse negative seeds, and only once the cohort is drawn
+        raise QSPValidationError("command line", "--seed", args.seed, "must be a non-negative integer")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise QSPValidationError("command line", "--out", str(out), "must be a folder (this is an existing file)")
+
+
+def _check_regimen_fits_model(regimen, n_lesions: int, source: str) -> None:
+    """Refuse, naming the file, what compile_schedule would refuse only after the cohort is built."""
+    from qspjax.regimen import LESIONS
+
+    for i, course in enumerate(regimen.rt):
+        if course.lesion not in LESIONS[:n_lesions]:
+            raise QSPValidationError(source, f"rt[{i}].lesion", course.lesion,
+                                     f"this run's model has {n_lesions} lesion(s): {list(LESIONS[:n_lesions])}")
+    for i, s in enumerate(regimen.surgery):
+        if s.lesion not in LESIONS[:n_lesions]:
+            raise QSPValidationError(source, f"surgery[{i}].lesion", s.lesion,
+                                     f"this run's model has {n_lesions} lesion(s): {list(LESIONS[:n_lesions])}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,9 +77,12 @@ def run(args: argparse.Namespace) -> int:
     from qspjax.params import load_parameters
     from qspjax.regimen import load_regimen
     from qspjax.runner import run_cohort, write_outputs
+    from qspjax.vpop import load_population
 
     params = load_parameters(args.params)
     regimen = load_regimen(args.regimen)
+    load_population(args.population)  # validated here so that a bad file leaves no output folder behind
+    _check_regimen_fits_model(regimen, 1 if args.no_variability and params.initial_state else 2, args.regimen)
     out = prepare_out_dir(args.out, args.overwrite)
     result = run_cohort(
         params, regimen, n_patients=args.patients, seed=args.seed, days=args.days,

@@ -666,10 +666,14 @@ def load_trial_file(path: str | Path) -> Trial:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise QSPValidationError(path, "(file)", str(path), f"cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise QSPValidationError(path, "(file)", str(path),
+                                 f"is not a UTF-8 text file (byte {exc.start}: {exc.reason}); a YAML file is required") from None
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise QSPValidationError(path, "(file)", str(path), f"is not valid YAML: {exc}") from None
+        detail = " ".join(str(exc).split())  # one line: the CLI prints a single-line message
+        raise QSPValidationError(path, "(file)", str(path), f"is not valid YAML (truncated?): {detail}") from None
     return _read_trial(doc, path)
 
 
