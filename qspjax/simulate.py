@@ -218,6 +218,10 @@ def simulate_patient(model: QSPModel, y0: State, schedule: Schedule, config: Sol
         y, viable = apply_events(model, system.unravel(z * system.scale), event)
         viable_at_surgery = jnp.where(event[5] > 0, viable, viable_at_surgery)
         z = ravel_pytree(y)[0] / system.scale
+        # A patient that already failed is not integrated further (a zero-length segment): its
+        # status says so, and under vmap its batch no longer waits for it to exhaust max_steps
+        # in every later segment.
+        t_next = jnp.where(status == STATUS_OK, t_next, t)
         # Later segments overwrite a shared boundary day: the state recorded there is post-jump.
         z_next, saved, seg_status, seg_steps, accepted = _integrate_segment(
             model, system, z, t, t_next, dt, grid, saved, config)
