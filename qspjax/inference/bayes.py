@@ -71,7 +71,7 @@ def summarise(mcmc: MCMC, problem: Problem) -> dict:
     import arviz as az
 
     idata = az.from_numpyro(mcmc)
-    table = az.summary(idata, var_names=list(problem.ids), kind="all")
+    table = az.summary(idata, var_names=list(problem.ids), kind="all", round_to="none")  # R-hat unrounded
     draws = posterior_matrix(mcmc, problem)
     diverging = np.asarray(mcmc.get_extra_fields(group_by_chain=True)["diverging"])
     natural_median = problem.natural(np.median(draws, axis=0))
