@@ -148,7 +148,7 @@ def forest_plot(rows: list[dict], path: Path, title: str) -> Path:
         ax.plot([r["observed_ci_lo"], r["observed_ci_hi"]], [y - 0.12] * 2, color="k", lw=1)
         ax.plot(r["observed_pct"], y - 0.12, "ks", ms=4)
     ax.set_yticks(range(len(rows)), [f"{r['arm_id']} {r['endpoint']}" for r in rows], fontsize=7)
-    ax.set_xlabel("% of patients (blue: posterior predictive; black: observed, exact CI)")
+    ax.set_xlabel("% of patients\n(blue: posterior predictive, 95 %; black: observed, exact 95 % CI)")
     ax.set_title(title, fontsize=9)
     ax.invert_yaxis()
     fig.tight_layout()

@@ -19,10 +19,12 @@ Growth. The baseline state depends on the parameters (pre-treatment growth to ea
 baseline diameter), so the growth is **part of the objective**: one growth solve per evaluation,
 shared by all arms (they share the cohort), and differentiated like the treatment solves. Holding
 the baseline fixed at the nominal parameters would be cheaper but biases the gradient: a faster
-growth rate changes the immune state at baseline. Measured (2 shared CPU cores, 4 patients, 2 arms,
-42 days): one evaluation ~6.6 s, one value-and-gradient ~45 s once compiled; compiling the
-value-and-gradient took ~220 s. The growth (years of untreated growth from a seed) is a large
-part of that; its share was not separated (see ``fits/README.md``).
+growth rate changes the immune state at baseline. Measured (2 CPU cores shared with other jobs,
+4 patients, 2 arms, 42 days): one evaluation ~6.6 s, one value-and-gradient ~45 s once compiled;
+compiling the value-and-gradient took ~220 s. Forward only, the growth of 4 patients (500-960
+days from the seed) took ~7.9 s and one 42-day SBRT + pembrolizumab arm ~2.8 s (600-850 solver
+steps per patient), both under load: growth costs about three short arms, a fraction of one
+12-month arm, so it stays in the objective (see ``fits/README.md``).
 
 Parameters are a flat vector ``theta`` (D,) in the order of the priors file, on unconstrained
 scales (log/logit of population medians, log of between-patient sds); :meth:`Problem.as_dict`
