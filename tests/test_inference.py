@@ -95,6 +95,16 @@ def test_adam_calibration_recovers_the_generating_parameters(synthetic):
     assert result.loss <= -float(problem.log_posterior(jnp.asarray(truth))) + 1e-6 + 0.5
 
 
+def test_multi_start_calibration_compiles_the_objective_once(synthetic):
+    from qspjax.inference.calibrate import calibrate
+
+    problem, truth = synthetic
+    problem.value_and_grad(jnp.asarray(truth))
+    before = problem.value_and_grad._cache_size()
+    calibrate(problem, jax.random.PRNGKey(5), starts=3, steps=3, progress=False)
+    assert problem.value_and_grad._cache_size() == before == 1
+
+
 @pytest.mark.slow
 def test_nuts_posterior_covers_the_truth_without_divergences(synthetic):
     from qspjax.inference.bayes import posterior_matrix, run_nuts, summarise

@@ -65,7 +65,8 @@ class KineticsSimulator:
     RT_l(t) the Gy delivered to lesion l by day t and t_ici the first checkpoint-inhibitor dose.
     ``rt_scale`` (cell log-kill to diameter, ~1/3 in a sphere, smaller here for partial repopulation)
     and ``ici_scale`` (kill rate to net diameter shrinkage) are fixed, dimensionless.
-    Parameters missing from ``values`` take their nominal value.
+    Parameters missing from ``values`` take their nominal value; chemotherapy and surgery are
+    ignored (no regimen of the tests uses them).
     """
 
     params: ParameterSet
