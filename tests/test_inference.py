@@ -256,8 +256,8 @@ def test_infer_script_runs_end_to_end(tmp_path):
 
     script = _script("infer")
     out = tmp_path / "infer"
-    script.main(script.parser().parse_args(["--out", str(out), "--chains", "2", "--warmup", "10", "--samples", "10",
-                                            "--predictive-draws", "3", *TINY]))
+    script.main(script.parser().parse_args(["--out", str(out), "--chains", "2", "--warmup", "5", "--samples", "5",
+                                            "--predictive-draws", "2", *TINY]))
     names = {p.name for p in out.iterdir()}
     assert {"posterior.nc", "summary.json", "trace.png", "pair.png", "predictive.csv", "forest.png", "run.json"} <= names
     summary = json.loads((out / "summary.json").read_text())
