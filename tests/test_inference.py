@@ -270,7 +270,7 @@ def test_infer_script_runs_end_to_end(tmp_path):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("QSPJAX_FULL_ODE_TESTS") != "1",
-                    reason="compiling the QSP value-and-gradient takes ~4 min here; set QSPJAX_FULL_ODE_TESTS=1")
+                    reason="QSP objective: ~10 min of CPU, mostly compilation; set QSPJAX_FULL_ODE_TESTS=1")
 def test_qsp_objective_gradient_matches_finite_differences(params):
     from qspjax.regimen import load_regimen
     from qspjax.vpop import load_population
