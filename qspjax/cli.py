@@ -17,6 +17,7 @@ from qspjax.errors import QSPValidationError
 _COMMAND_MODULES = (
     "qspjax.commands.simulate",
     "qspjax.commands.trial",
+    "qspjax.commands.fit",
     "qspjax.data.commands",
 )
 

@@ -1,0 +1,62 @@
+"""Calibrating the virtual NSCLC population to RT + checkpoint-inhibitor trial arms.
+
+The QSP model predicts one patient's tumor course; a trial arm reports a summary over patients
+(objective response rate, the counts of complete/partial response, stable and progressive
+disease, progression-free survival at landmarks or its median). To compare the two, every arm is
+simulated on the same virtual cohort (quasi-random draws of between-patient variability from one
+seed, grown to their baseline tumors, then treated with the arm's regimen), RECIST is applied in
+a smooth form (sigmoids of the -30 %/+20 % margins) so the predicted rates are differentiable in
+the population parameters, and the printed counts enter as binomial/multinomial likelihoods.
+Priors on the population medians (log/logit scale) and spreads come from
+``configs/inference/priors.yaml``. This script finds the posterior mode by Adam from several
+prior draws and writes the fitted population (a population file and a parameter overlay the
+simulator reads), the loss history and one fit-vs-observed figure per arm.
+
+    python fits/calibrate.py --config configs/inference/fit_advanced.yaml --out runs/fit
+
+Sizes can be cut for a quick look (``--patients 8 --horizon-days 120 --steps 5``);
+``--simulator kinetics`` swaps the ODE for the closed-form surrogate used in the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import qspjax  # noqa: E402,F401  (float64)
+from qspjax.inference.runs import load, run_fit, with_overrides  # noqa: E402
+from qspjax.io import prepare_out_dir  # noqa: E402
+
+
+def main(args: argparse.Namespace) -> dict:
+    cfg = with_overrides(load(args.config),
+                         likelihood={"patients": args.patients, "horizon_days": args.horizon_days},
+                         optimizer={"starts": args.starts, "steps": args.steps, "seed": args.seed})
+    out = prepare_out_dir(args.out, overwrite=True)
+    result = run_fit(cfg, out, args.simulator, args.max_arms, progress=not args.quiet)
+    print(f"best negative log posterior {result['loss']:.3f} ({result['seconds']:.0f} s)")
+    for name, value in result["natural"].items():
+        print(f"  {name:>20s} = {value:.4g}")
+    return result
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/inference/fit_advanced.yaml")
+    p.add_argument("--out", default="runs/fit")
+    p.add_argument("--simulator", choices=("qsp", "kinetics"), default="qsp")
+    p.add_argument("--patients", type=int, default=None, help="virtual patients per arm")
+    p.add_argument("--horizon-days", type=float, default=None)
+    p.add_argument("--starts", type=int, default=None, help="optimiser starts drawn from the priors")
+    p.add_argument("--steps", type=int, default=None, help="Adam steps per start (at most)")
+    p.add_argument("--max-arms", type=int, default=None, help="only the first N fitted arms")
+    p.add_argument("--seed", type=int, default=None, help="seed of the starting points")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+if __name__ == "__main__":
+    main(parser().parse_args())
