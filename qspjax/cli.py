@@ -16,6 +16,7 @@ from qspjax.errors import QSPValidationError
 # (module, description) of every sub-command group; each module defines register(subparsers).
 _COMMAND_MODULES = (
     "qspjax.commands.simulate",
+    "qspjax.commands.export",
     "qspjax.data.commands",
 )
 

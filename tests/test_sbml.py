@@ -133,3 +133,30 @@ def test_roadrunner_simulation_matches_simulate_patient_to_1e_4(patient, schedul
 
 
 QSPModelLesions = ["irradiated", "non_irradiated"]
+
+
+def test_cli_export_sbml_writes_a_loadable_file_with_the_regimen_events(tmp_path):
+    from qspjax.cli import main
+
+    from conftest import REPO
+
+    out = tmp_path / "model.xml"
+    rc = main(["export-sbml", "--out", str(out), "--regimen", str(REPO / "configs/regimens/pembro_rt_sbrt.yaml"),
+               "--lesions", "2", "--days", "30"])
+    assert rc == 0
+    m = libsbml.readSBMLFromFile(str(out)).getModel()
+    # SBRT on days 0, 2, 4 and pembrolizumab on days 7 and 28: five treatment days + two extinction events.
+    assert m.getNumEvents() == 7
+    assert m.getParameter("ab_C_pembrolizumab") is not None
+    assert m.getParameter("C1_non_irradiated") is not None
+
+
+@pytest.mark.parametrize("argv, field", [(["--lesions", "3"], "--lesions"), (["--drugs", "aspirin"], "--drugs"),
+                                         (["--k-relax", "-1"], "--k-relax")])
+def test_cli_export_sbml_rejects_bad_input_with_exit_2(tmp_path, capsys, argv, field):
+    from qspjax.cli import main
+
+    rc = main(["export-sbml", "--out", str(tmp_path / "m.xml")] + argv)
+    assert rc == 2
+    assert field in capsys.readouterr().err
+    assert not (tmp_path / "m.xml").exists()
