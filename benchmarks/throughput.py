@@ -25,6 +25,7 @@ final tumor diameters (every patient of the subsample, every lesion) from qspjax
 from __future__ import annotations
 
 import argparse
+import math
 
 try:
     from benchmarks import _common as C
@@ -153,12 +154,9 @@ def _roadrunner_loop(cohort, schedule, config, patients, days: float):
     for key, v in model0.scales().items():
         for sid, s in zip(np.asarray(sbml.state_names(model0)[key]).ravel(), np.asarray(v).ravel()):
             typical[str(sid)] = float(s)
-    for tag, v in sbml.qss_values(model0, y0).items():
-        for sid, s in zip(np.atleast_1d(sbml._names_like(tag, np.shape(v), model0.drugs, model0.n_lesions)),
-                          np.atleast_1d(np.asarray(v))):
-            typical[str(sid)] = max(abs(float(s)), 1e-30)
     rr.integrator.relative_tolerance = config.rtol
-    rr.integrator.absolute_tolerance = [config.atol * typical[i] for i in ids]
+    # The relaxation states are logarithms (ln_PD1_free..., ln_IL2_LN): atol on them is relative.
+    rr.integrator.absolute_tolerance = [config.atol * typical.get(i, 1.0) for i in ids]
     rr.integrator.maximum_num_steps = 100_000
     lesions = [f"tumor_diameter_cm_{les}" for les in model0.LESION_NAMES[:model0.n_lesions]]
     n_points = int(round(days)) + 1
@@ -178,7 +176,7 @@ def _roadrunner_loop(cohort, schedule, config, patients, days: float):
             for tag, v in sbml.qss_values(model, y).items():
                 for sid, x in zip(np.atleast_1d(sbml._names_like(tag, np.shape(v), model.drugs, model.n_lesions)),
                                   np.atleast_1d(np.asarray(v))):
-                    rr.setValue(f"init({sid})", float(x))
+                    rr.setValue(f"init({sbml.log_qss_name(str(sid))})", math.log(max(float(x), 1e-300)))
             rr.reset()
             out = rr.simulate(0.0, days, n_points, selections=["time"] + lesions)
             diam.append(np.asarray(out[-1, 1:]))

@@ -28,9 +28,12 @@ side: free PD-1 in each lesion's synapse and IL-2 in the lymph node (``monotone_
 no closed form, and libRoadRunner does not support SBML algebraic rules, so each is exported as a
 fast relaxation state ``x`` with
 
-    dx/dt = -k_relax_qss * r(x) / (dr/dx)(x),
+    d ln(x)/dt = -k_relax_qss * r(x) / (x * (dr/dx)(x)),   i.e.   dx/dt = -k_relax_qss * r(x) / (dr/dx)(x),
 
-where ``r`` is the model's own increasing residual (also traced). This Newton flow drives
+where ``r`` is the model's own increasing residual (also traced); the rate-rule state is
+``ln_<id>`` and ``<id>`` = exp(ln_<id>) is an assignment rule, so that ``x`` stays positive when a
+dose moves the root by orders of magnitude (a stiff step on ``x`` itself can overshoot below
+zero, where the synapse's square root fails). This Newton flow drives
 r(x(t)) = r(x0) exp(-k_relax_qss t) whatever the scale of ``r``, so ``x`` follows the root with a
 relative lag of about (d ln x*/dt) / k_relax_qss. ``k_relax_qss`` is an exported parameter,
 1e6 /day by default: the lag is then ~1e-6 of the root's own relative rate of change per day, far
@@ -443,9 +446,18 @@ def trace_formulas(model: QSPModel, y: State) -> Formulas:
     for tag, parts in relax_parts.items():
         for i, r in np.ndenumerate(parts["relax_r"]):
             dr = parts["relax_dr"][i]
-            qss[q_names[tag][i]] = f"-k_relax_qss * {_paren(r)} / {_paren(dr)}"
+            x = q_names[tag][i]
+            # Relaxed in log space (d ln x/dt): x stays positive when a dose or RT fraction moves
+            # the root by orders of magnitude, where a stiff step on x itself can overshoot below 0.
+            qss[log_qss_name(x)] = f"-k_relax_qss * {_paren(r)} / ({x} * {_paren(dr)})"
+            rules[x] = f"exp({log_qss_name(x)})"
     named_ids = {k: v for k, v in zip(out_labels, outs) if k[0] == "named"}
     return Formulas(rates, rules, qss, named_ids)
+
+
+def log_qss_name(sid: str) -> str:
+    """Id of the rate-rule state ln(x) of a relaxation state ``x`` (``x`` itself is exp of it)."""
+    return f"ln_{sid}"
 
 
 def trace_jump(model: QSPModel, y: State, event) -> dict[str, str]:
@@ -617,13 +629,15 @@ def build_document(model: QSPModel, y0: State, schedule: Schedule | None = None,
         vals = np.asarray(y0[key])
         for i, sid in np.ndenumerate(s_names[key]):
             add_param(sid, vals[i], spec.unit, False, spec.meaning)
+    qss_units: dict = {}
     for tag, vals in qss_values(model, y0).items():
         ids = _names_like(tag, np.shape(vals), model.drugs, model.n_lesions)
         for i, sid in np.ndenumerate(ids):
-            add_param(sid, np.asarray(vals)[i], _QSS_UNITS[tag], False,
-                      "quasi-steady state exported as a fast relaxation state (see k_relax_qss)")
+            qss_units[sid] = _QSS_UNITS[tag]
+            add_param(log_qss_name(sid), math.log(max(float(np.asarray(vals)[i]), 1e-300)), None, False,
+                      f"log of {sid} (a quasi-steady state exported as a fast relaxation state, see k_relax_qss)")
     for rid in formulas.rules:
-        add_param(rid, 0.0, None, False)
+        add_param(rid, 0.0, qss_units.get(rid), False)
     for sid, f in list(formulas.rates.items()) + list(formulas.qss.items()):
         r = m.createRateRule()
         r.setVariable(sid)
