@@ -1,0 +1,58 @@
+"""``qspjax export-sbml``: one virtual patient as an SBML Level 3 file (see :mod:`qspjax.sbml`)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from qspjax.errors import QSPValidationError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export-sbml", help="write one patient's model as SBML Level 3",
+                       description="Export the model of one patient (nominal parameters, the QSP-IO reference "
+                                   "tumor state) as SBML L3V2 with dosing and RT fractions as events.")
+    p.add_argument("--out", required=True, help="SBML file to write (e.g. model.xml)")
+    p.add_argument("--params", default=None, help="main parameter file (default configs/params/qspio_example1.yaml)")
+    p.add_argument("--regimen", default=None, help="regimen YAML file whose events become SBML events")
+    p.add_argument("--drugs", default=None,
+                   help="comma-separated antibodies in the model (default: the regimen's, else nivolumab)")
+    p.add_argument("--lesions", type=int, default=1, help="number of lesions, 1 or 2 (default 1, as QSP-IO)")
+    p.add_argument("--days", type=float, default=400.0, help="regimen events up to this day are exported (default 400)")
+    p.add_argument("--k-relax", type=float, default=None,
+                   help="relaxation rate (1/day) of the exported quasi-steady states (default 1e6)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from qspjax import sbml
+    from qspjax.io import atomic_write_text
+    from qspjax.model.pk import KNOWN_DRUGS
+    from qspjax.params import load_parameters
+    from qspjax.regimen import compile_schedule, load_regimen
+
+    if args.lesions not in (1, 2):
+        raise QSPValidationError("command line", "--lesions", args.lesions, "allowed values are 1, 2")
+    if not (math.isfinite(args.days) and args.days > 0):
+        raise QSPValidationError("command line", "--days", args.days, "must be a positive number of days")
+    k_relax = sbml.K_RELAX_QSS_PER_DAY if args.k_relax is None else args.k_relax
+    if not (math.isfinite(k_relax) and k_relax > 0):
+        raise QSPValidationError("command line", "--k-relax", args.k_relax, "must be a positive rate (1/day)")
+    regimen = load_regimen(args.regimen) if args.regimen else None
+    if args.drugs:
+        drugs = tuple(d.strip() for d in args.drugs.split(",") if d.strip())
+    else:
+        drugs = (regimen.drugs if regimen is not None and regimen.drugs else ("nivolumab",))
+    for d in drugs:
+        if d not in KNOWN_DRUGS:
+            raise QSPValidationError("command line", "--drugs", d, f"allowed values are {', '.join(KNOWN_DRUGS)}")
+    params = load_parameters(args.params)
+    model, y0 = sbml.reference_patient(params, drugs=drugs, n_lesions=args.lesions)
+    schedule = None
+    if regimen is not None:
+        schedule = compile_schedule(regimen, drugs, [0.0, args.days], n_lesions=args.lesions)
+    text = sbml.export_sbml(model, y0, schedule, k_relax)
+    atomic_write_text(args.out, text)
+    print(f"wrote {args.out}: {len(drugs)} drug(s), {args.lesions} lesion(s), "
+          f"{0 if schedule is None else len(sbml.schedule_events(schedule))} treatment event day(s)")
+    return 0
