@@ -84,14 +84,15 @@ def run(args: argparse.Namespace) -> int:
     load_population(args.population)  # validated here so that a bad file leaves no output folder behind
     _check_regimen_fits_model(regimen, 1 if args.no_variability and params.initial_state else 2, args.regimen)
     out = prepare_out_dir(args.out, args.overwrite)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+    prov = provenance(config=config, seed=args.seed)  # the revision that runs, read before the run
     result = run_cohort(
         params, regimen, n_patients=args.patients, seed=args.seed, days=args.days,
         output_every=args.output_every, variability=not args.no_variability,
         exported_initial_state=args.no_variability and bool(params.initial_state),
         population_file=args.population, chunk=args.chunk, rtol=args.rtol, progress=True,
     )
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
-    write_outputs(result, out, provenance(config=config, seed=args.seed))
+    write_outputs(result, out, prov)
     n_bad = int(np.sum(result.status != 0))
     print(f"{args.patients - n_bad}/{args.patients} patients solved; outputs in {out}")
     return 0

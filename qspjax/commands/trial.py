@@ -99,11 +99,12 @@ def run_trial(args: argparse.Namespace) -> int:
     assessment = Assessment(args.assessment_interval, args.target, death_rate_per_day=args.death_rate_per_day)
     params = load_parameters(args.params)
     out = prepare_out_dir(args.out, args.overwrite)
+    prov = provenance(config=_config(args), seed=args.seed)  # the revision that runs, read before the run
     result = run_cohort(params, regimen, n_patients=args.patients, seed=args.seed, days=days,
                         output_every=args.output_every, population_file=args.population, chunk=args.chunk,
                         rtol=args.rtol, progress=True, target=target)
     outcome = evaluate(result, assessment, seed=args.seed)
-    summary = write_trial(out, result, outcome, provenance(config=_config(args), seed=args.seed), published)
+    summary = write_trial(out, result, outcome, prov, published)
     line = f"ORR {100 * summary['orr']:.1f} % (95 % CI {100 * summary['orr_ci'][0]:.1f}–{100 * summary['orr_ci'][1]:.1f})"
     if published and published.get("orr") is not None:
         line += f"; published {100 * published['orr']:.1f} %"
@@ -127,6 +128,7 @@ def run_compare(args: argparse.Namespace) -> int:
     spec = load_population(args.population)
     params = load_parameters(args.params)
     out = prepare_out_dir(args.out, args.overwrite)
+    prov = provenance(config=_config(args), seed=args.seed)  # the revision that runs, read before the run
     drugs = tuple(dict.fromkeys(d for p in experiment.protocols for d in p.regimen.drugs)) or ("nivolumab",)
     config = SolverConfig(rtol=args.rtol, atol=args.rtol * 1e-3)
     population = build_population(params, args.patients, args.seed, drugs, spec=spec, config=config,
@@ -134,7 +136,7 @@ def run_compare(args: argparse.Namespace) -> int:
     results = treat_population(population, [p.regimen for p in experiment.protocols], days=experiment.days,
                                output_every=args.output_every, config=config, chunk=args.chunk, progress=True)
     outcomes = [evaluate(r, experiment.assessment, seed=args.seed) for r in results]
-    rows = write_comparison(out, experiment, results, outcomes, provenance(config=_config(args), seed=args.seed))
+    rows = write_comparison(out, experiment, results, outcomes, prov)
     print(comparison_table(rows))
     print(f"outputs in {out}")
     return 0
