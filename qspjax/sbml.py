@@ -62,6 +62,13 @@ from qspjax.model.pk import DRUG_PARAMS
 from qspjax.regimen import Schedule
 
 K_RELAX_QSS_PER_DAY = 1e6
+
+
+class SBMLExportError(ValueError):
+    """The model uses an operation the exporter has no SBML rule for (a model change that needs a
+    new primitive rule in :class:`_Interpreter`)."""
+
+
 # Modules whose ``monotone_root`` becomes a relaxation state, with the exported state's name.
 _QSS_ROOTS = (("qspjax.model.checkpoint", "PD1_free"), ("qspjax.model.tcells", "IL2_LN"))
 _QSS_UNITS = {"PD1_free": "molecule/micrometer^2", "IL2_LN": "molarity"}
@@ -336,14 +343,14 @@ class _Interpreter:
         if name == "select_n":
             which, *cases = np.broadcast_arrays(*ins)
             if len(cases) != 2:
-                raise NotImplementedError("select_n with more than two cases")
+                raise SBMLExportError("select_n with more than two cases has no SBML rule here")
             return [_vec(lambda w, f, t: f"piecewise({t}, {w}, {f})", which, cases[0], cases[1])]
         if name in ("pjit", "jit", "closed_call", "core_call"):
             return self._sub_jaxpr(p["jaxpr"], ins)
         if name in ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"):
             closed = p.get("call_jaxpr") or p.get("fun_jaxpr")
             return self._sub_jaxpr(closed, ins)
-        raise NotImplementedError(f"no SBML rule for the jax primitive {name!r}")
+        raise SBMLExportError(f"no SBML rule for the jax primitive {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
