@@ -492,8 +492,48 @@ def summarise(
 
     Rates are over valid patients (``n_evaluated``); ``n_failed`` counts the rest. Medians are
     in days, ``inf`` when not reached. ``km`` is the PFS Kaplan–Meier table as columns of lists.
-    Abscopal and pathological entries appear when their inputs are given.
+    Abscopal and pathological entries appear when their inputs are given. The per-patient reads
+    behind them come with :func:`arm_endpoints`.
     """
+    return arm_endpoints(
+        times_days, diameters_mm, status_ok, target_mask=target_mask,
+        assessment_interval_days=assessment_interval_days, assessment_days=assessment_days,
+        cr_threshold_mm=cr_threshold_mm, confirm=confirm, confirm_min_days=confirm_min_days,
+        sd_min_days=sd_min_days, death_rate_per_day=death_rate_per_day, seed=seed, confidence=confidence,
+        out_of_field_lesion=out_of_field_lesion, viable_fraction=viable_fraction,
+    ).summary
+
+
+class ArmEndpoints(NamedTuple):
+    """:func:`summarise`'s dict and the per-patient reads it was computed from."""
+
+    summary: dict[str, Any]
+    assessments: RecistAssessments
+    best: BestResponse
+    pfs: TimeToEvent
+    km: KaplanMeier
+
+
+def arm_endpoints(
+    times_days: Float[ArrayLike, "time"],
+    diameters_mm: Float[ArrayLike, "patients lesions time"] | Float[ArrayLike, "patients time"],
+    status_ok: Bool[ArrayLike, "patients"] | None = None,
+    *,
+    target_mask: Bool[ArrayLike, "lesions"] | Bool[ArrayLike, "patients lesions"] | None = None,
+    assessment_interval_days: float = 56.0,
+    assessment_days: Float[ArrayLike, "assessments"] | None = None,
+    cr_threshold_mm: float = 1.0,
+    confirm: bool = False,
+    confirm_min_days: float = 28.0,
+    sd_min_days: float = 42.0,
+    death_rate_per_day: float = 0.0,
+    seed: int = 0,
+    confidence: float = 0.95,
+    out_of_field_lesion: int | None = None,
+    viable_fraction: Float[ArrayLike, "patients"] | Float[ArrayLike, "patients lesions"] | None = None,
+) -> ArmEndpoints:
+    """:func:`summarise`, also returning the RECIST reads, best responses, PFS times and PFS
+    Kaplan–Meier it computed (for per-patient tables and plots of the same cohort)."""
     a = recist_assessments(times_days, diameters_mm, target_mask, status_ok,
                            assessment_interval_days=assessment_interval_days,
                            assessment_days=assessment_days, cr_threshold_mm=cr_threshold_mm)
@@ -532,7 +572,7 @@ def summarise(
             out[f"{name}_rate"] = r.estimate
             out[f"{name}_ci"] = (r.ci_low, r.ci_high)
         out["n_pathology_evaluable"] = int(path.evaluable.sum())
-    return out
+    return ArmEndpoints(out, a, best, pfs, km)
 
 
 # =============================================================================================

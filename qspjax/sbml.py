@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 import re
 from contextlib import ExitStack
-from typing import Mapping, Sequence
+from typing import Sequence
 from unittest import mock
 
 import jax
@@ -57,7 +57,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from qspjax.model._base import State
-from qspjax.model.composer import PATIENT_PARAMS, QSPModel, drug_param_name, module_param_specs
+from qspjax.model.composer import QSPModel, drug_param_name, module_param_specs
 from qspjax.model.pk import DRUG_PARAMS
 from qspjax.regimen import Schedule
 

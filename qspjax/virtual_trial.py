@@ -67,18 +67,14 @@ def evaluate(result: CohortResult, assessment: Assessment = Assessment(), seed: 
         raise QSPValidationError("assessment", "target", assessment.target, "needs a model with two lesions")
     target = np.ones(n_lesions, bool) if assessment.target == "all" else np.arange(n_lesions) == 1
     ok = result.status == 0
-    summary = oc.summarise(
+    arm = oc.arm_endpoints(
         result.days, diam_mm, ok, target_mask=target, assessment_interval_days=assessment.interval_days,
         confirm=assessment.confirm, death_rate_per_day=assessment.death_rate_per_day, seed=seed,
         out_of_field_lesion=1 if n_lesions > 1 else None,
         viable_fraction=result.viable_fraction_at_surgery if np.any(np.isfinite(result.viable_fraction_at_surgery))
         else None,
     )
-    reads = oc.recist_assessments(result.days, diam_mm, target, ok, assessment_interval_days=assessment.interval_days)
-    best = oc.best_overall_response(reads, confirm=assessment.confirm)
-    pfs = oc.progression_free_survival(oc.time_to_progression(best), death_rate_per_day=assessment.death_rate_per_day,
-                                       seed=seed)
-    km = oc.kaplan_meier(pfs.days, pfs.event)
+    summary, reads, best, pfs, km = arm.summary, arm.assessments, arm.best, arm.pfs, arm.km
     dor = oc.duration_of_response(best)
     responders = np.isfinite(dor.days)
     if responders.any():

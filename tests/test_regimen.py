@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from qspjax.errors import QSPValidationError
 from qspjax.regimen import compile_schedule, load_regimen, parse_regimen

@@ -16,7 +16,7 @@ import yaml
 
 from qspjax.cli import main
 from qspjax.errors import QSPValidationError
-from qspjax.data.trials import load_trial_file, load_trials
+from qspjax.data.trials import load_trial_file
 from qspjax.params import load_parameter_file
 from qspjax.regimen import MAX_CYCLES, load_regimen, parse_regimen
 from qspjax.vpop import load_population

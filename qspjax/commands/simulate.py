@@ -73,7 +73,7 @@ def _check_regimen_fits_model(regimen, n_lesions: int, source: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
-    from qspjax.io import atomic_write_json, prepare_out_dir, provenance
+    from qspjax.io import prepare_out_dir, provenance
     from qspjax.params import load_parameters
     from qspjax.regimen import load_regimen
     from qspjax.runner import run_cohort, write_outputs

@@ -21,7 +21,7 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.infer import MCMC, NUTS
 
-from qspjax.inference.likelihood import DAYS_PER_MONTH, Problem
+from qspjax.inference.likelihood import Problem
 from qspjax.io import atomic_write, atomic_write_json, atomic_write_text
 from qspjax.outcomes import binomial_ci
 
