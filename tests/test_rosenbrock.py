@@ -1,0 +1,97 @@
+"""Rodas4 (qspjax.rosenbrock) on problems with known or independently computed solutions."""
+
+import diffrax as dfx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.integrate import solve_ivp
+
+from qspjax.rosenbrock import Rodas4
+
+
+def robertson(t, y, args):
+    """Robertson's stiff kinetics, made time-dependent so the ∂f/∂t term is exercised."""
+    y1, y2, y3 = y[0], y[1], y[2]
+    rates = jnp.stack([-0.04 * y1 + 1e4 * y2 * y3, 0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2**2, 3e7 * y2**2])
+    return rates * (1.0 + 0.1 * jnp.sin(t))
+
+
+def forced_oscillator(t, y, args):
+    return jnp.stack([y[1], -y[0] + 0.3 * jnp.cos(t)])
+
+
+@pytest.fixture(scope="module")
+def oscillator_exact():
+    sol = solve_ivp(lambda t, y: np.asarray(forced_oscillator(t, y, None)), (0.0, 2.0), [1.0, 0.0],
+                    method="DOP853", rtol=1e-13, atol=1e-14, dense_output=True)
+    return sol.sol
+
+
+def _fixed(n, y0=(1.0, 0.0), autonomous=False, saveat=None):
+    return dfx.diffeqsolve(dfx.ODETerm(forced_oscillator), Rodas4(autonomous=autonomous), 0.0, 2.0, 2.0 / n,
+                           jnp.asarray(y0), max_steps=1000, saveat=saveat or dfx.SaveAt(t1=True))
+
+
+def test_fourth_order_convergence(oscillator_exact):
+    errors = [float(np.max(np.abs(np.asarray(_fixed(n).ys[-1]) - oscillator_exact(2.0)))) for n in (10, 20, 40, 80)]
+    orders = np.log2(np.asarray(errors[:-1]) / np.asarray(errors[1:]))
+    assert np.all(orders > 3.8) and np.all(orders < 4.3), orders
+
+
+def test_time_dependence_needs_the_time_derivative(oscillator_exact):
+    # Declaring this non-autonomous field autonomous drops ∂f/∂t: the method loses its order.
+    right = float(np.max(np.abs(np.asarray(_fixed(40).ys[-1]) - oscillator_exact(2.0))))
+    wrong = float(np.max(np.abs(np.asarray(_fixed(40, autonomous=True).ys[-1]) - oscillator_exact(2.0))))
+    assert wrong > 100 * right
+
+
+def test_dense_output_third_order(oscillator_exact):
+    tt = np.linspace(0.0, 2.0, 33)
+    errs = []
+    for n in (8, 16):
+        sol = _fixed(n, saveat=dfx.SaveAt(dense=True))
+        errs.append(np.max(np.abs(np.asarray(jax.vmap(sol.evaluate)(jnp.asarray(tt))).T - oscillator_exact(tt))))
+    assert np.log2(errs[0] / errs[1]) > 2.7  # the continuous extension is third order
+    assert errs[1] < 2e-5
+
+
+@pytest.mark.parametrize("rtol", [1e-5, 1e-8])
+def test_stiff_robertson_against_radau(rtol):
+    y0 = np.array([1.0, 0.0, 0.0])
+    ref = solve_ivp(lambda t, y: np.asarray(robertson(t, y, None)), (0.0, 40.0), y0, method="Radau",
+                    rtol=1e-12, atol=1e-16, dense_output=True)
+    ts = np.linspace(0.0, 40.0, 9)
+    sol = dfx.diffeqsolve(dfx.ODETerm(robertson), Rodas4(), 0.0, 40.0, 1e-6, jnp.asarray(y0),
+                          saveat=dfx.SaveAt(ts=jnp.asarray(ts)), max_steps=100_000,
+                          stepsize_controller=dfx.PIDController(rtol=rtol, atol=rtol * 1e-4))
+    want = ref.sol(ts).T
+    rel = np.abs(np.asarray(sol.ys) - want) / (np.abs(want) + 1e-9)
+    assert rel.max() < 20 * rtol
+    # Mass is conserved by the method (linear invariants are kept by Rosenbrock methods).
+    assert np.allclose(np.asarray(sol.ys).sum(axis=1), 1.0, atol=1e-12)
+    assert int(sol.stats["num_steps"]) < (200 if rtol == 1e-5 else 800)
+
+
+def test_pytree_state_and_gradient_against_finite_differences():
+    def field(t, y, k):
+        return {"a": -k * y["a"] * y["b"], "b": k * y["a"] - 50.0 * y["b"]}
+
+    def final(k):
+        sol = dfx.diffeqsolve(dfx.ODETerm(field), Rodas4(autonomous=True), 0.0, 3.0, 1e-3,
+                              {"a": jnp.asarray(1.0), "b": jnp.asarray(0.0)}, args=k,
+                              stepsize_controller=dfx.PIDController(rtol=1e-9, atol=1e-12), max_steps=10_000)
+        return sol.ys["a"][-1] + 2.0 * sol.ys["b"][-1]
+
+    k = 7.0
+    grad = float(jax.grad(final)(k))
+    eps = 1e-5
+    fd = float((final(k + eps) - final(k - eps)) / (2 * eps))
+    assert grad == pytest.approx(fd, rel=1e-5)
+
+
+def test_zero_length_step_is_finite():
+    solver = Rodas4()
+    term = dfx.ODETerm(forced_oscillator)
+    y1, err, _, _, result = solver.step(term, 1.0, 1.0, jnp.asarray([1.0, 0.5]), None, None, False)
+    assert np.all(np.isfinite(np.asarray(y1))) and np.all(np.isfinite(np.asarray(err)))
