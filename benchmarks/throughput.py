@@ -144,6 +144,7 @@ def _roadrunner_loop(cohort, schedule, config, patients, days: float):
     import roadrunner
 
     from qspjax import sbml
+    from qspjax.simulate import apply_events
 
     roadrunner.Logger.setLevel(roadrunner.Logger.LOG_ERROR)  # CVODE's step-size notes at event times
     model0, y0 = C.take(cohort.model, 0), C.take(cohort.y0, 0)
@@ -160,24 +161,41 @@ def _roadrunner_loop(cohort, schedule, config, patients, days: float):
     rr.integrator.maximum_num_steps = 100_000
     lesions = [f"tumor_diameter_cm_{les}" for les in model0.LESION_NAMES[:model0.n_lesions]]
     n_points = int(round(days)) + 1
+    first_event = tuple(np.asarray(e)[0] for e in (schedule.dose_mg, schedule.dose_mg_per_kg, schedule.rt_dose_gy,
+                                                   schedule.rt_sbrt, schedule.chemo_kill, schedule.surgery))
+    day0_event = bool(np.asarray(schedule.times)[0] == 0.0) and any(d == 0.0 for d, _ in sbml.schedule_events(schedule))
+
+    def patient_values(i):
+        """(SBML id, value) of patient ``i``: parameters, state after the day-0 jumps, log-QSS."""
+        model, y = C.take(cohort.model, i), C.take(cohort.y0, i)
+        if day0_event:
+            y = apply_events(model, y, first_event)[0]
+        values = []
+        leaves, names = sbml.parameter_names(model)
+        for leaf, ids_p in zip(leaves, names):
+            values += zip(np.atleast_1d(ids_p), np.atleast_1d(np.asarray(leaf)))
+        for key, ids_s in sbml.state_names(model).items():
+            values += zip(np.asarray(ids_s).ravel(), np.asarray(y[key]).ravel())
+        for tag, v in sbml.qss_values(model, y).items():
+            names_q = np.atleast_1d(sbml._names_like(tag, np.shape(v), model.drugs, model.n_lesions))
+            values += [(sbml.log_qss_name(str(sid)), math.log(max(float(x), 1e-300)))
+                       for sid, x in zip(names_q, np.atleast_1d(np.asarray(v)))]
+        return [(str(sid), float(v)) for sid, v in values]
+
+    # Prepared before the clock starts: the loop times libRoadRunner's own work only.
+    prepared = {i: patient_values(i) for i in patients}
     diam, failures = [], []
     with C.Timer() as run:
         for i in patients:
-            model, y = C.take(cohort.model, i), C.take(cohort.y0, i)
-            # Initial values, then reset: reset() fires the day-0 treatment event on them (setting
-            # current values after a reset would overwrite that event's jumps).
-            leaves, names = sbml.parameter_names(model)
-            for leaf, ids_p in zip(leaves, names):
-                for pid, v in zip(np.atleast_1d(ids_p), np.atleast_1d(np.asarray(leaf))):
-                    rr.setValue(f"init({pid})", float(v))
-            for key, ids_s in sbml.state_names(model).items():
-                for sid, v in zip(np.asarray(ids_s).ravel(), np.asarray(y[key]).ravel()):
-                    rr.setValue(f"init({sid})", float(v))
-            for tag, v in sbml.qss_values(model, y).items():
-                for sid, x in zip(np.atleast_1d(sbml._names_like(tag, np.shape(v), model.drugs, model.n_lesions)),
-                                  np.atleast_1d(np.asarray(v))):
-                    rr.setValue(f"init({sbml.log_qss_name(str(sid))})", math.log(max(float(x), 1e-300)))
+            # reset() restores the exported (first) patient and fires its day-0 treatment event;
+            # this patient's parameters and its state *after* the day-0 jumps (the same jump map,
+            # applied by qspjax.simulate.apply_events) are then set as current values. Setting
+            # ``init(...)`` values instead and resetting made CVODE fail at once whenever per-state
+            # absolute tolerances were in use (measured: CV_CONV_FAILURE at t ~ 3e-5 day for the
+            # very values of the export), and hang after re-applying the tolerances.
             rr.reset()
+            for sid, v in prepared[i]:
+                rr.setValue(sid, v)
             try:
                 out = rr.simulate(0.0, days, n_points, selections=["time"] + lesions)
                 diam.append(np.asarray(out[-1, 1:]))
