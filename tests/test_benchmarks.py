@@ -1,4 +1,8 @@
-"""Benchmark scripts run end to end with tiny sizes and write the JSON keys they document."""
+"""Benchmark scripts run end to end with tiny sizes and write the JSON keys they document.
+
+``gradient.py`` is not run here: its reverse-mode compilation alone takes ~90 s on 2 cores (the
+gradient it measures is tested against finite differences in test_simulate/test_rosenbrock);
+its recorded runs are in benchmarks/RESULTS.md."""
 
 from __future__ import annotations
 
@@ -43,13 +47,15 @@ def test_throughput_script_runs_all_three_solvers_and_they_agree(tmp_path):
     assert res["roadrunner"]["n_failed"] == 0, res["roadrunner"]["failures"]
 
 
-def test_gradient_script_reports_a_finite_gradient_over_the_population(tmp_path):
-    from benchmarks import gradient
+def test_inference_script_reports_ess_per_second(tmp_path):
+    from benchmarks import inference
 
-    out = tmp_path / "g.json"
-    gradient.main(gradient.build_parser().parse_args(
-        ["--n", "2", "--days", "10", "--repeats", "1", "--json", str(out)]))
+    out = tmp_path / "i.json"
+    inference.main(inference.build_parser().parse_args(
+        ["--simulator", "kinetics", "--max-arms", "2", "--patients", "4", "--horizon", "56", "--chains", "1",
+         "--warmup", "20", "--samples", "20", "--quiet", "--json", str(out)]))
     res = json.loads(out.read_text())
-    assert res["n_population_params"] >= 10
-    assert res["gradient_finite"] and res["gradient_norm"] > 0
-    assert res["ratio_gradient_to_forward"] > 0
+    assert len(res["arms"]) == 2 and res["n_parameters"] == len(res["parameters"]) >= 2
+    assert res["sampling_seconds"] > 0 and res["leapfrog_steps_of_draws"] >= 20
+    for v in res["parameters"].values():
+        assert v["ess_bulk"] > 0 and v["ess_bulk_per_second"] == v["ess_bulk"] / res["sampling_seconds"]

@@ -54,7 +54,7 @@ def run_nuts(problem: Problem, key: jax.Array, chains: int = 4, warmup: int = 20
     kernel = NUTS(model, target_accept_prob=target_accept, max_tree_depth=max_tree_depth, init_strategy=strategy)
     mcmc = MCMC(kernel, num_warmup=warmup, num_samples=samples, num_chains=chains,
                 chain_method=chain_method(chains, problem.simulator_name), progress_bar=progress)
-    mcmc.run(key, problem, extra_fields=("diverging",))
+    mcmc.run(key, problem, extra_fields=("diverging", "num_steps"))
     return mcmc
 
 
