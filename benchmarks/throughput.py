@@ -25,7 +25,6 @@ final tumor diameters (every patient of the subsample, every lesion) from qspjax
 from __future__ import annotations
 
 import argparse
-import math
 
 try:
     from benchmarks import _common as C
@@ -87,8 +86,7 @@ def _scipy_loop(cohort, schedule, config, patients):
     f = jax.jit(vf)
     jac = jax.jit(jax.jacfwd(vf, argnums=1))
     jump = jax.jit(lambda m, y, e: apply_events(m, y, e)[0])
-    events = (schedule.dose_mg, schedule.dose_mg_per_kg, schedule.rt_dose_gy, schedule.rt_sbrt,
-              schedule.chemo_kill, schedule.surgery)
+    events = schedule.events
     times = np.asarray(schedule.times)
     m0, y00 = C.take(cohort.model, 0), C.take(cohort.y0, 0)
     with C.Timer() as warm:  # compile the jitted functions once
@@ -161,26 +159,14 @@ def _roadrunner_loop(cohort, schedule, config, patients, days: float):
     rr.integrator.maximum_num_steps = 100_000
     lesions = [f"tumor_diameter_cm_{les}" for les in model0.LESION_NAMES[:model0.n_lesions]]
     n_points = int(round(days)) + 1
-    first_event = tuple(np.asarray(e)[0] for e in (schedule.dose_mg, schedule.dose_mg_per_kg, schedule.rt_dose_gy,
-                                                   schedule.rt_sbrt, schedule.chemo_kill, schedule.surgery))
-    day0_event = bool(np.asarray(schedule.times)[0] == 0.0) and any(d == 0.0 for d, _ in sbml.schedule_events(schedule))
+    day0 = [row for d, row in sbml.schedule_events(schedule) if d == 0.0]
 
     def patient_values(i):
-        """(SBML id, value) of patient ``i``: parameters, state after the day-0 jumps, log-QSS."""
+        """Patient ``i``'s SBML values, its state taken after the day-0 jumps."""
         model, y = C.take(cohort.model, i), C.take(cohort.y0, i)
-        if day0_event:
-            y = apply_events(model, y, first_event)[0]
-        values = []
-        leaves, names = sbml.parameter_names(model)
-        for leaf, ids_p in zip(leaves, names):
-            values += zip(np.atleast_1d(ids_p), np.atleast_1d(np.asarray(leaf)))
-        for key, ids_s in sbml.state_names(model).items():
-            values += zip(np.asarray(ids_s).ravel(), np.asarray(y[key]).ravel())
-        for tag, v in sbml.qss_values(model, y).items():
-            names_q = np.atleast_1d(sbml._names_like(tag, np.shape(v), model.drugs, model.n_lesions))
-            values += [(sbml.log_qss_name(str(sid)), math.log(max(float(x), 1e-300)))
-                       for sid, x in zip(names_q, np.atleast_1d(np.asarray(v)))]
-        return [(str(sid), float(v)) for sid, v in values]
+        if day0:
+            y = apply_events(model, y, day0[0])[0]
+        return sbml.patient_values(model, y)
 
     # Prepared before the clock starts: the loop times libRoadRunner's own work only.
     prepared = {i: patient_values(i) for i in patients}
@@ -194,7 +180,7 @@ def _roadrunner_loop(cohort, schedule, config, patients, days: float):
             # absolute tolerances were in use (measured: CV_CONV_FAILURE at t ~ 3e-5 day for the
             # very values of the export), and hang after re-applying the tolerances.
             rr.reset()
-            for sid, v in prepared[i]:
+            for sid, v in prepared[i].items():
                 rr.setValue(sid, v)
             try:
                 out = rr.simulate(0.0, days, n_points, selections=["time"] + lesions)

@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def small_problem(patients: int, virtual_patients: int = 16, seed: int = 3):
     """Two medians, two arms, kinetics surrogate: the ``synthetic`` problem of the tests, with
-    ``patients`` trial patients per arm (its counts are placeholders: SBC simulates its own)."""
+    ``patients`` trial patients per arm. The arms' counts only fix the data's structure (which
+    endpoints, N, PFS days): every SBC replicate replaces them by data simulated at its own draw."""
     from qspjax.inference.config import LikelihoodSettings, Prior, PriorSet
     from qspjax.inference.likelihood import ArmData, Problem
     from qspjax.params import load_parameters

@@ -554,8 +554,7 @@ def _math(formula: str):
 def schedule_events(schedule: Schedule) -> list[tuple[float, tuple]]:
     """(day, event row) of every distinct timeline point of a compiled schedule."""
     times = np.asarray(schedule.times)
-    rows = (schedule.dose_mg, schedule.dose_mg_per_kg, schedule.rt_dose_gy, schedule.rt_sbrt,
-            schedule.chemo_kill, schedule.surgery)
+    rows = schedule.events
     out, seen = [], set()
     for k, t in enumerate(times):
         if float(t) in seen:
@@ -564,6 +563,23 @@ def schedule_events(schedule: Schedule) -> list[tuple[float, tuple]]:
         row = tuple(np.asarray(r[k]) for r in rows)
         if any(np.any(r != 0) for r in row):
             out.append((float(t), row))
+    return out
+
+
+def patient_values(model: QSPModel, y: State) -> dict[str, float]:
+    """Every value of one patient by SBML id, as :func:`build_document` writes them: parameters,
+    states (internal units) and the logs of the exported quasi-steady states. Setting these on a
+    loaded export (e.g. libRoadRunner ``setValue``) switches it to another patient or state."""
+    out: dict[str, float] = {}
+    leaves, p_names = parameter_names(model)
+    for leaf, ids in zip(leaves, p_names):
+        out.update(zip(np.atleast_1d(ids).tolist(), np.atleast_1d(np.asarray(leaf)).astype(float).tolist()))
+    for key, ids in state_names(model).items():
+        out.update(zip(np.ravel(ids).tolist(), np.ravel(np.asarray(y[key])).astype(float).tolist()))
+    for tag, vals in qss_values(model, y).items():
+        ids = _names_like(tag, np.shape(vals), model.drugs, model.n_lesions)
+        for sid, x in zip(np.ravel(ids).tolist(), np.ravel(np.asarray(vals)).tolist()):
+            out[log_qss_name(sid)] = math.log(max(float(x), 1e-300))
     return out
 
 

@@ -222,8 +222,7 @@ def simulate_patient(model: QSPModel, y0: State, schedule: Schedule, config: Sol
     times = schedule.times
     grid = schedule.output_days
     next_times = jnp.concatenate([times[1:], times[-1:]])
-    events = (schedule.dose_mg, schedule.dose_mg_per_kg, schedule.rt_dose_gy, schedule.rt_sbrt,
-              schedule.chemo_kill, schedule.surgery)
+    events = schedule.events
     nan_lesions = jnp.full((model.n_lesions,), jnp.nan)
     system = _flat_system(model, y0)
     z_first = ravel_pytree(y0)[0] / system.scale

@@ -48,8 +48,7 @@ def _scipy_solve(model, y0, schedule):
     system = _flat_system(model, y0)
     f = jax.jit(lambda z: system.term.vf(0.0, z, None))
     jac = jax.jit(jax.jacfwd(lambda z: system.term.vf(0.0, z, None)))
-    events = (schedule.dose_mg, schedule.dose_mg_per_kg, schedule.rt_dose_gy, schedule.rt_sbrt,
-              schedule.chemo_kill, schedule.surgery)
+    events = schedule.events
     times = np.asarray(schedule.times)
     grid = np.asarray(schedule.output_days)
     out = {}
