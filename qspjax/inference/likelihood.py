@@ -272,22 +272,42 @@ class Problem:
                         np.searchsorted(self.assessment_days, days * (1 + 1e-9) + 1e-9, "right") - 1))
         return idx
 
-    def arm_log_likelihoods(self, pred: Prediction) -> Float[Array, " arms"]:
-        """Log-likelihood of each arm's data given the predictions (A,)."""
+    def observed_data(self) -> tuple[dict, ...]:
+        """The arms' printed data, one dict per arm: ``counts`` (CR, PR, SD, PD) or
+        ``responders``, and ``pfs`` (progression-free at the arm's landmarks) where it has them."""
+        data = []
+        for a in self.arms:
+            d = {}
+            if a.response_counts is not None:
+                d["counts"] = a.response_counts
+            elif a.responders is not None:
+                d["responders"] = a.responders
+            if a.pfs_days:
+                d["pfs"] = a.pfs_progression_free
+            data.append(d)
+        return tuple(data)
+
+    def arm_log_likelihoods(self, pred: Prediction, data: Sequence[dict] | None = None) -> Float[Array, " arms"]:
+        """Log-likelihood of each arm's data given the predictions (A,).
+
+        ``data`` (layout of :meth:`observed_data`; may be traced arrays, as in simulation-based
+        calibration) replaces the arms' printed data; the arms' N and landmark days stay.
+        """
+        data = self.observed_data() if data is None else data
         out = []
-        for i, a in enumerate(self.arms):
+        for i, (a, d) in enumerate(zip(self.arms, data)):
             ll = jnp.asarray(0.0)
             p = pred.response[i]
-            if a.response_counts is not None:
-                ll = ll + multinomial_logpmf(a.response_counts, p[:4])
-            elif a.responders is not None:
-                ll = ll + binomial_logpmf(a.responders, a.n, p[0] + p[1])
-            if a.pfs_days:
+            if "counts" in d:
+                ll = ll + multinomial_logpmf(d["counts"], p[:4])
+            elif "responders" in d:
+                ll = ll + binomial_logpmf(d["responders"], a.n, p[0] + p[1])
+            if "pfs" in d:
                 origin, idx = self._index[i]
                 curve = pred.pfs[i] / jnp.maximum(pred.pfs[i, origin], 1e-12)
                 at_risk, s_prev = a.n, 1.0
-                for j, k in zip(idx, a.pfs_progression_free):
-                    s = curve[j]
+                for j, jj in enumerate(idx):
+                    s, k = curve[jj], d["pfs"][j]
                     ll = ll + binomial_logpmf(k, at_risk, s / jnp.maximum(s_prev, 1e-12))
                     at_risk, s_prev = k, s
             out.append(ll)

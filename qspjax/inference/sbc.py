@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qspjax.inference.likelihood import Problem, binomial_logpmf, multinomial_logpmf
+from qspjax.inference.likelihood import Problem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,44 +78,14 @@ def simulate_data(problem: Problem, theta, rng: np.random.Generator) -> tuple[di
 
 
 def observed_data(problem: Problem) -> tuple[dict, ...]:
-    """The problem's own printed data in the layout of :func:`simulate_data`."""
-    data = []
-    for a in problem.arms:
-        d = {}
-        if a.response_counts is not None:
-            d["counts"] = np.asarray(a.response_counts, float)
-        elif a.responders is not None:
-            d["responders"] = np.asarray(float(a.responders))
-        if a.pfs_days:
-            d["pfs"] = np.asarray(a.pfs_progression_free, float)
-        data.append(d)
-    return tuple(data)
+    """The problem's own printed data in the layout of :func:`simulate_data`, as float arrays."""
+    return tuple({k: np.asarray(v, float) for k, v in d.items()} for d in problem.observed_data())
 
 
 def data_log_likelihood(problem: Problem, theta, data) -> jax.Array:
-    """Log-likelihood of ``data`` (layout of :func:`simulate_data`, possibly traced) at ``theta``.
-
-    Term by term :meth:`Problem.arm_log_likelihoods`, with the counts read from ``data``; the
-    multinomial's N is the sum of the counts (there, of the printed counts; here, the arm's N).
-    """
-    pred = problem.predict(theta)
-    ll = jnp.asarray(0.0)
-    for i, (a, d) in enumerate(zip(problem.arms, data)):
-        p = pred.response[i]
-        if "counts" in d:
-            ll = ll + multinomial_logpmf(d["counts"], p[:4])
-        elif "responders" in d:
-            ll = ll + binomial_logpmf(d["responders"], a.n, p[0] + p[1])
-        if "pfs" in d:
-            origin, idx = problem._index[i]
-            curve = pred.pfs[i] / jnp.maximum(pred.pfs[i, origin], 1e-12)
-            at_risk, s_prev = float(a.n), 1.0
-            for j, jj in enumerate(idx):
-                s = curve[jj]
-                k = d["pfs"][j]
-                ll = ll + binomial_logpmf(k, at_risk, s / jnp.maximum(s_prev, 1e-12))
-                at_risk, s_prev = k, s
-    return ll
+    """Log-likelihood of ``data`` (layout of :func:`simulate_data`, possibly traced) at ``theta``:
+    :meth:`Problem.arm_log_likelihoods` with ``data`` in place of the printed counts."""
+    return jnp.sum(problem.arm_log_likelihoods(problem.predict(theta), data))
 
 
 # ---------------------------------------------------------------------------------------------
