@@ -79,6 +79,37 @@ class RodasInterpolation(dfx.AbstractLocalInterpolation):
         return jax.tree_util.tree_map(at, self.y0, self.y1, self.k1, self.k2)
 
 
+@jax.custom_vjp
+def _finite_cotangent_leaves(x):
+    return x
+
+
+def _fcl_fwd(x):
+    return x, None
+
+
+def _fcl_bwd(_, ct):
+    return (jax.tree_util.tree_map(lambda c: jnp.where(jnp.isfinite(c), c, jnp.zeros_like(c)), ct),)
+
+
+_finite_cotangent_leaves.defvjp(_fcl_fwd, _fcl_bwd)
+
+
+def finite_cotangents(tree):
+    """Identity on ``tree``; in reverse mode, non-finite cotangents of its float arrays become 0.
+
+    A step the controller rejects is computed and thrown away: its result gets a zero cotangent,
+    but a trial step that overshoots into a region where the right-hand side is not finite
+    (a negative concentration under a fractional power, an overflow) turns that zero into NaN on
+    the way back (0 * inf), and the NaN reaches the parameters' gradient although the step never
+    counted. The true contribution of a rejected step is exactly zero, so zeroing non-finite
+    cotangents at the step's inputs restores it. An accepted step with a non-finite right-hand side
+    is already non-finite in the forward pass and ends the solve with a failed status.
+    """
+    dynamic, static = eqx.partition(tree, eqx.is_inexact_array)
+    return eqx.combine(_finite_cotangent_leaves(dynamic), static)
+
+
 class Rodas4(dfx.AbstractAdaptiveSolver):
     """RODAS: a 6-stage, order-4(3), L-stable, stiffly accurate Rosenbrock method.
 
@@ -102,6 +133,7 @@ class Rodas4(dfx.AbstractAdaptiveSolver):
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         del solver_state, made_jump
+        terms, t0, t1, y0, args = finite_cotangents((terms, t0, t1, y0, args))
         z0, unravel = ravel_pytree(y0)
         dtype = z0.dtype
         span = t1 - t0

@@ -27,7 +27,7 @@ from qspjax.model._base import State
 from qspjax.model.cancer import diameter_from_volume
 from qspjax.model.composer import QSPModel
 from qspjax.regimen import Schedule
-from qspjax.rosenbrock import Rodas4
+from qspjax.rosenbrock import Rodas4, finite_cotangents
 
 STATUS_OK = 0
 STATUS_MAX_STEPS = 1
@@ -123,7 +123,9 @@ def _flat_system(model: QSPModel, like: State) -> _FlatSystem:
     _, unravel_y = ravel_pytree(like)
 
     def vector_field(t, z, args):
-        dy = model.rates(unravel_y(z * flat_scale))
+        # A rejected trial step can evaluate the rates where they are not finite; its zero
+        # cotangent must not turn into NaN on the parameters (see rosenbrock.finite_cotangents).
+        dy = finite_cotangents(model).rates(unravel_y(z * flat_scale))
         return ravel_pytree(dy)[0] / flat_scale
 
     return _FlatSystem(dfx.ODETerm(vector_field), flat_scale, unravel_y)

@@ -105,6 +105,20 @@ def test_multi_start_calibration_compiles_the_objective_once(synthetic):
     assert problem.value_and_grad._cache_size() == before == 1
 
 
+def test_screened_starts_are_the_best_prior_draws(synthetic):
+    from qspjax.inference.calibrate import calibrate, screen_starts
+
+    problem, _ = synthetic
+    chosen, cands, values = screen_starts(problem, jax.random.PRNGKey(2), 2, 6, progress=False)
+    np.testing.assert_allclose(cands[0], problem.prior_means())  # the prior centre is always a candidate
+    expected = np.array([float(problem.log_posterior(jnp.asarray(c))) for c in cands])
+    np.testing.assert_allclose(values, expected, rtol=1e-12)
+    np.testing.assert_array_equal(chosen, cands[np.argsort(-expected)[:2]])
+    result = calibrate(problem, jax.random.PRNGKey(2), starts=2, steps=2, screen=6, progress=False)
+    np.testing.assert_array_equal(result.starts, chosen)
+    assert result.screened is not None and len(result.screened["log_posterior"]) == 6
+
+
 @pytest.mark.slow
 def test_nuts_posterior_covers_the_truth_without_divergences(synthetic):
     from qspjax.inference.bayes import posterior_matrix, run_nuts, summarise
@@ -290,3 +304,52 @@ def test_qsp_objective_gradient_matches_finite_differences(params):
           for i in range(theta.size)]
     # stated tolerance: 1e-3 relative; adaptive steps make the finite difference itself noisy at rtol 1e-8
     np.testing.assert_allclose(np.asarray(grad), fd, rtol=1e-3)
+
+
+def test_report_script_scores_fitted_and_held_out_arms(tmp_path):
+    import json
+
+    from qspjax.data.trials import load_trials
+    from qspjax.inference.report import load_fitted_theta
+    from qspjax.inference.runs import load, problems
+    from qspjax.outcomes import binomial_ci
+
+    fit_dir = tmp_path / "fit"
+    _script("calibrate").main(_script("calibrate").parser().parse_args(
+        ["--out", str(fit_dir), "--starts", "1", "--steps", "2", *TINY]))
+    out, plot = tmp_path / "report.json", tmp_path / "orr.png"
+    _script("report").main(_script("report").parser().parse_args(
+        ["--fit", str(fit_dir), "--patients", "4", "--simulator", "kinetics", "--out", str(out), "--plot", str(plot)]))
+    report = json.loads(out.read_text())
+    cfg = load(REPO / "configs/inference/fit_advanced.yaml")
+    fit, held = problems(cfg, "kinetics")
+    assert [r["id"] for r in report["arms"]] == [a.arm_id for a in fit.arms] + [a.arm_id for a in held.arms]
+    assert {r["role"] for r in report["arms"][:len(fit.arms)]} == {"fitted"}
+    assert {r["role"] for r in report["arms"][len(fit.arms):]} == {"held_out"}
+    trials = load_trials()
+    for r in report["arms"]:
+        arm = trials.get_arm(r["id"])
+        assert r["observed_orr_pct"] == pytest.approx(arm.orr_pct)
+        lo, hi = r["observed_orr_ci_pct"]
+        if arm.orr_ci is None:  # exact binomial interval of responders of N
+            assert (lo / 100, hi / 100) == pytest.approx(binomial_ci(arm.responders, arm.n))
+        assert r["inside_ci"] == (lo <= r["predicted_orr_pct"] <= hi)
+        assert r["predicted_orr_pct"] == pytest.approx(r["predicted_response_pct"]["CR"] + r["predicted_response_pct"]["PR"],
+                                                       abs=2e-3)
+    s = report["summary"]
+    assert s["fitted"]["inside_ci"] == sum(bool(r["inside_ci"]) for r in report["arms"] if r["role"] == "fitted")
+    assert s["held_out"]["arms"] == len(held.arms)
+    assert report["theta"] == pytest.approx(list(load_fitted_theta(fit_dir, fit)))
+    assert "git_revision" in json.dumps(report["provenance"]) and plot.stat().st_size > 1000
+
+
+def test_report_refuses_parameters_of_another_prior_set(tmp_path):
+    import json
+
+    from qspjax.inference.report import load_fitted_theta
+    from qspjax.inference.runs import load, problems
+
+    (tmp_path / "loss_history.json").write_text(json.dumps({"ids": ["k_C1_growth"], "theta": [0.0]}))
+    fit, _ = problems(load(REPO / "configs/inference/fit_advanced.yaml"), "kinetics")
+    with pytest.raises(QSPValidationError, match="ids"):
+        load_fitted_theta(tmp_path, fit)

@@ -95,3 +95,29 @@ def test_zero_length_step_is_finite():
     term = dfx.ODETerm(forced_oscillator)
     y1, err, _, _, result = solver.step(term, 1.0, 1.0, jnp.asarray([1.0, 0.5]), None, None, False)
     assert np.all(np.isfinite(np.asarray(y1))) and np.all(np.isfinite(np.asarray(err)))
+
+
+def _overshooting_solve(k, closed_over: bool):
+    """dy/dt = -k y^1.5 from y = 1 with a first step of 1 day: the trial step overshoots to y < 0,
+    where y^1.5 is NaN, and is rejected; y(T) = (1 + k T / 2)^-2."""
+    from qspjax.rosenbrock import finite_cotangents
+
+    if closed_over:  # the parameter reaches the rates as a closed-over array, as the QSP model does
+        field = lambda t, y, args: -finite_cotangents(k) * y**1.5
+        args = None
+    else:
+        field = lambda t, y, kk: -kk * y**1.5
+        args = k
+    sol = dfx.diffeqsolve(dfx.ODETerm(field), Rodas4(autonomous=True), 0.0, 2.0, 1.0, jnp.asarray(1.0), args=args,
+                          stepsize_controller=dfx.PIDController(rtol=1e-8, atol=1e-10), max_steps=10_000)
+    return sol.ys[-1], sol.stats["num_rejected_steps"]
+
+
+@pytest.mark.parametrize("closed_over", [False, True])
+def test_rejected_non_finite_trial_step_leaves_the_gradient_finite(closed_over):
+    k = 30.0
+    y, rejected = _overshooting_solve(k, closed_over)
+    assert int(rejected) >= 1  # the NaN trial step happened and was thrown away
+    assert float(y) == pytest.approx((1 + k) ** -2, rel=1e-6)
+    grad = float(jax.grad(lambda kk: _overshooting_solve(kk, closed_over)[0])(k))
+    assert grad == pytest.approx(-2 * (1 + k) ** -3, rel=1e-5)  # d/dk (1 + k T/2)^-2, T = 2

@@ -21,6 +21,9 @@ def register(sub) -> None:
                        description="Simulate a cohort under a regimen; write trajectories (netCDF) and summary.json.")
     p.add_argument("--regimen", required=True, help="regimen YAML file (configs/regimens/README.md)")
     p.add_argument("--params", default=None, help="main parameter file (default configs/params/qspio_example1.yaml)")
+    p.add_argument("--params-extra", action="append", default=[], metavar="FILE",
+                   help="parameter file applied over the main one, e.g. a calibration's fitted medians "
+                        "(configs/params/calibrated/); repeatable, later files win")
     p.add_argument("--population", default=None, help="population file (default configs/params/population.yaml)")
     p.add_argument("--patients", type=int, default=10, help="number of virtual patients (default 10)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the cohort (default 0)")
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from qspjax.runner import run_cohort, write_outputs
     from qspjax.vpop import load_population
 
-    params = load_parameters(args.params)
+    params = load_parameters(args.params, args.params_extra)
     regimen = load_regimen(args.regimen)
     load_population(args.population)  # validated here so that a bad file leaves no output folder behind
     _check_regimen_fits_model(regimen, 1 if args.no_variability and params.initial_state else 2, args.regimen)

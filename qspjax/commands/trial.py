@@ -11,6 +11,9 @@ from qspjax.errors import QSPValidationError
 
 def _common(p: argparse.ArgumentParser, default_rtol: float = 1e-5) -> None:
     p.add_argument("--params", default=None, help="main parameter file (default configs/params/qspio_example1.yaml)")
+    p.add_argument("--params-extra", action="append", default=[], metavar="FILE",
+                   help="parameter file applied over the main one, e.g. a calibration's fitted medians "
+                        "(configs/params/calibrated/); repeatable, later files win")
     p.add_argument("--population", default=None, help="population file (default configs/params/population.yaml)")
     p.add_argument("--patients", type=int, default=100, help="virtual patients per arm (default 100)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the virtual population (default 0)")
@@ -97,7 +100,7 @@ def run_trial(args: argparse.Namespace) -> int:
     if args.output_every > days:
         raise QSPValidationError("command line", "--output-every", args.output_every, f"must be at most --days ({days:g})")
     assessment = Assessment(args.assessment_interval, args.target, death_rate_per_day=args.death_rate_per_day)
-    params = load_parameters(args.params)
+    params = load_parameters(args.params, args.params_extra)
     out = prepare_out_dir(args.out, args.overwrite)
     prov = provenance(config=_config(args), seed=args.seed)  # the revision that runs, read before the run
     result = run_cohort(params, regimen, n_patients=args.patients, seed=args.seed, days=days,
@@ -126,7 +129,7 @@ def run_compare(args: argparse.Namespace) -> int:
         raise QSPValidationError("command line", "--output-every", args.output_every,
                                  f"must be at most the experiment's days ({experiment.days:g})")
     spec = load_population(args.population)
-    params = load_parameters(args.params)
+    params = load_parameters(args.params, args.params_extra)
     out = prepare_out_dir(args.out, args.overwrite)
     prov = provenance(config=_config(args), seed=args.seed)  # the revision that runs, read before the run
     drugs = tuple(dict.fromkeys(d for p in experiment.protocols for d in p.regimen.drugs)) or ("nivolumab",)

@@ -228,6 +228,7 @@ class OptimizerSettings:
     patience: int = 25
     tolerance: float = 1e-3
     seed: int = 0
+    screen: int = 0  # prior draws screened by a forward solve; the best `starts` are descended from
 
 
 @dataclass(frozen=True)
@@ -262,7 +263,7 @@ _LIK_RULES = {
 }
 _OPT_RULES = {"starts": dict(integer=True, lo=1), "steps": dict(integer=True, lo=1),
               "learning_rate": dict(positive=True, hi=10), "patience": dict(integer=True, lo=1),
-              "tolerance": dict(lo=0.0), "seed": dict(integer=True, lo=0)}
+              "tolerance": dict(lo=0.0), "seed": dict(integer=True, lo=0), "screen": dict(integer=True, lo=0)}
 _NUTS_RULES = {"chains": dict(integer=True, lo=1), "warmup": dict(integer=True, lo=1),
                "samples": dict(integer=True, lo=1), "target_accept": dict(positive=True, hi=0.999),
                "max_tree_depth": dict(integer=True, lo=1, hi=12), "seed": dict(integer=True, lo=0)}

@@ -58,7 +58,7 @@ def run_fit(cfg: RunConfig, out: Path, simulator: str = "qsp", max_arms: int | N
     fit, _ = problems(cfg, simulator, max_arms)
     o = cfg.optimizer
     result = calibrate(fit, jax.random.PRNGKey(o.seed), o.starts, o.steps, o.learning_rate, o.patience,
-                       o.tolerance, progress=progress)
+                       o.tolerance, progress=progress, screen=o.screen)
     seconds = time.perf_counter() - t0
     prov = _prov(cfg, {"simulator": simulator, "max_arms": max_arms, "arms": [a.arm_id for a in fit.arms],
                        "arm_notes": {a.arm_id: list(a.notes) for a in fit.arms}, "wall_seconds": seconds},
