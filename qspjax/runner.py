@@ -177,9 +177,10 @@ def treat_population(
     grid = np.arange(0.0, days + 1e-9, output_every)
     n_points = max(timeline_points(r, grid) for r in regimens)
     n = len(population)
-    # A batch splits evenly over the local devices (CPU: one per core with
-    # XLA_FLAGS=--xla_force_host_platform_device_count=N; GPUs: one each).
-    n_dev = jax.local_device_count()
+    # A batch splits evenly over the run's devices (CPU: one per core with
+    # XLA_FLAGS=--xla_force_host_platform_device_count=N; GPUs: one each; every process's under
+    # jax.distributed).
+    n_dev = jax.device_count()
     chunk = n_dev * math.ceil(min(chunk, n) / n_dev)
     results = []
     for regimen in regimens:

@@ -262,31 +262,58 @@ def simulate_batch(model_batch: QSPModel, y0_batch: State, schedule: Schedule,
                    config: SolverConfig = SolverConfig(), *, devices=None) -> Trajectory:
     """Solve a batch of patients: a leading patient axis on every leaf of the model and states.
 
-    With more than one device (``devices``, default every local device), the patient axis is
-    sharded over them (:func:`shard_patients`) and the same compiled program runs on each
-    shard; the result is the same as on one device.
+    With more than one device (``devices``, default every device of the run: the local ones, or
+    every process's after :func:`qspjax.distributed.initialize`), the patient axis is sharded over
+    them (:func:`shard_patients`) and the same compiled program runs on each shard; the result is
+    the same as on one device, and complete on every process.
     """
-    devices = jax.local_devices() if devices is None else list(devices)
-    if len(devices) > 1:
-        model_batch, y0_batch = shard_patients((model_batch, y0_batch), devices)
-    return _simulate_batch_jit(model_batch, y0_batch, schedule, config)
+    return over_devices(lambda m, y: _simulate_batch_jit(m, y, schedule, config), (model_batch, y0_batch), devices)
+
+
+def over_devices(fn, batch: tuple, devices=None):
+    """``fn(*batch)`` with the leading (patient) axis of ``batch``'s arrays split over ``devices``
+    (default ``jax.devices()``).
+
+    Across several processes (``jax.distributed``) every process passes the whole batch (cohorts
+    are drawn from a seed, so each can build it), its devices solve their share, and every process
+    gets the whole result back (an all-gather). Inside a traced function (the calibration
+    objective) the split is a sharding constraint and the result stays a traced global array.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    if len(devices) == 1:
+        return fn(*batch)
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(batch))
+    out = fn(*shard_patients(batch, devices))
+    if jax.process_count() > 1 and not traced:
+        from jax.experimental import multihost_utils
+
+        out = jax.tree_util.tree_map(jnp.asarray, multihost_utils.process_allgather(out, tiled=True))
+    return out
 
 
 def shard_patients(tree, devices):
     """Place every array leaf of ``tree`` with its leading (patient) axis split over ``devices``
     (a one-axis ``jax.sharding.Mesh`` named ``patients``); leaves whose leading axis does not
-    divide evenly, and scalars, are replicated."""
+    divide evenly, and scalars, are replicated. ``devices`` may span processes: each process then
+    fills its own devices' shards from its copy of the leaf."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     mesh = Mesh(np.asarray(devices), ("patients",))
     split = NamedSharding(mesh, PartitionSpec("patients"))
     whole = NamedSharding(mesh, PartitionSpec())
+    multi_process = len({d.process_index for d in devices}) > 1
 
     def put(x):
         if not eqx.is_array(x):
             return x
         even = x.ndim > 0 and x.shape[0] % len(devices) == 0
-        return jax.device_put(x, split if even else whole)
+        sharding = split if even else whole
+        if isinstance(x, jax.core.Tracer):
+            return jax.lax.with_sharding_constraint(x, sharding)
+        if multi_process:
+            host = np.asarray(x)
+            return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+        return jax.device_put(x, sharding)
 
     return jax.tree_util.tree_map(put, tree)
 

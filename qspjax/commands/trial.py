@@ -23,6 +23,9 @@ def _common(p: argparse.ArgumentParser, default_rtol: float = 1e-5) -> None:
                    help=f"solver relative tolerance (default {default_rtol:g}; RECIST reads diameters to ~1 %%)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    from qspjax.distributed import add_arguments
+
+    add_arguments(p)
 
 
 def register(sub) -> None:
@@ -78,6 +81,9 @@ def _config(args) -> dict:
 
 def run_trial(args: argparse.Namespace) -> int:
     _check(args)
+    from qspjax.distributed import from_arguments, is_writer
+
+    from_arguments(args)
     from qspjax.io import prepare_out_dir, provenance
     from qspjax.params import load_parameters
     from qspjax.regimen import load_regimen, parse_regimen
@@ -101,11 +107,14 @@ def run_trial(args: argparse.Namespace) -> int:
         raise QSPValidationError("command line", "--output-every", args.output_every, f"must be at most --days ({days:g})")
     assessment = Assessment(args.assessment_interval, args.target, death_rate_per_day=args.death_rate_per_day)
     params = load_parameters(args.params, args.params_extra)
-    out = prepare_out_dir(args.out, args.overwrite)
+    writer = is_writer()  # process 0 of a multi-process run writes; the others only solve their share
+    out = prepare_out_dir(args.out, args.overwrite) if writer else None
     prov = provenance(config=_config(args), seed=args.seed)  # the revision that runs, read before the run
     result = run_cohort(params, regimen, n_patients=args.patients, seed=args.seed, days=days,
                         output_every=args.output_every, population_file=args.population, chunk=args.chunk,
-                        rtol=args.rtol, progress=True, target=target)
+                        rtol=args.rtol, progress=writer, target=target)
+    if not writer:
+        return 0
     outcome = evaluate(result, assessment, seed=args.seed)
     summary = write_trial(out, result, outcome, prov, published)
     line = f"ORR {100 * summary['orr']:.1f} % (95 % CI {100 * summary['orr_ci'][0]:.1f}–{100 * summary['orr_ci'][1]:.1f})"
@@ -117,6 +126,9 @@ def run_trial(args: argparse.Namespace) -> int:
 
 def run_compare(args: argparse.Namespace) -> int:
     _check(args)
+    from qspjax.distributed import from_arguments, is_writer
+
+    from_arguments(args)
     from qspjax.io import prepare_out_dir, provenance
     from qspjax.params import load_parameters
     from qspjax.runner import build_population, treat_population
@@ -130,14 +142,17 @@ def run_compare(args: argparse.Namespace) -> int:
                                  f"must be at most the experiment's days ({experiment.days:g})")
     spec = load_population(args.population)
     params = load_parameters(args.params, args.params_extra)
-    out = prepare_out_dir(args.out, args.overwrite)
+    writer = is_writer()  # process 0 of a multi-process run writes; the others only solve their share
+    out = prepare_out_dir(args.out, args.overwrite) if writer else None
     prov = provenance(config=_config(args), seed=args.seed)  # the revision that runs, read before the run
     drugs = tuple(dict.fromkeys(d for p in experiment.protocols for d in p.regimen.drugs)) or ("nivolumab",)
     config = SolverConfig(rtol=args.rtol, atol=args.rtol * 1e-3)
     population = build_population(params, args.patients, args.seed, drugs, spec=spec, config=config,
-                                  chunk=args.chunk, progress=True)
+                                  chunk=args.chunk, progress=writer)
     results = treat_population(population, [p.regimen for p in experiment.protocols], days=experiment.days,
-                               output_every=args.output_every, config=config, chunk=args.chunk, progress=True)
+                               output_every=args.output_every, config=config, chunk=args.chunk, progress=writer)
+    if not writer:
+        return 0
     outcomes = [evaluate(r, experiment.assessment, seed=args.seed) for r in results]
     rows = write_comparison(out, experiment, results, outcomes, prov)
     print(comparison_table(rows))
