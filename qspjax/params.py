@@ -92,6 +92,8 @@ def _convert_entry(path: Path, where: str, entry: Any, unit_to: str) -> float:
     value = entry["value"]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise QSPValidationError(path, f"{where}.value", value, "a finite number is required")
+    if value < 0:  # rates, volumes, amounts, fractions: every quantity of the model is non-negative
+        raise QSPValidationError(path, f"{where}.value", value, "must be non-negative")
     unit = entry.get("unit", "dimensionless")
     if not isinstance(unit, str):
         raise QSPValidationError(path, f"{where}.unit", unit, "a unit string is required")

@@ -22,6 +22,7 @@ def test_units_convert_to_internal(params):
     ("parameters:\n  k_C1_growth: {value: 0.01, unit: liter}\n", "parameters.k_C1_growth.unit"),
     ("parameters:\n  k_C1_growth: {value: .nan, unit: 1/day}\n", "parameters.k_C1_growth.value"),
     ("parameters:\n  k_C1_growth: {unit: 1/day}\n", "parameters.k_C1_growth.value"),
+    ("parameters:\n  k_C1_growth: {value: -0.01, unit: 1/day}\n", "parameters.k_C1_growth.value"),
     ("parameters:\n  k_C1_growth: {value: 0.01, unit: 1/day, sorce: x}\n", "parameters.k_C1_growth.sorce"),
     ("drugs:\n  nivolumab: {target: PD2}\n", "drugs.nivolumab.target"),
     ("drugs:\n  aspirin: {target: PD1}\n", "drugs.aspirin"),

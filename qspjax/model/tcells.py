@@ -124,7 +124,7 @@ class TCells(eqx.Module):
 
     def _effector_traffic(self, y: State, aux: dict, t: str) -> dict:
         p = self.p
-        eff_c, eff_p, eff_ln, eff_t = y[f"{t}_C"], y[f"{t}_P"], y[f"{t}_LN"], y[f"{t}_T"]
+        eff_c, eff_p, eff_ln = y[f"{t}_C"], y[f"{t}_P"], y[f"{t}_LN"]
         into_lesions = p[f"q_{t}_T_in"] * aux["V_T"] * eff_c  # one value per lesion
         return {
             f"{t}_C": -p[f"k_{t}_death"] * eff_c - p[f"q_{t}_P_in"] * eff_c + p[f"q_{t}_P_out"] * eff_p
