@@ -32,6 +32,7 @@ except ImportError:  # run as a script
     import _common as C
 
 import numpy as np
+from tqdm import tqdm  # progress on stderr; the table goes to stdout
 
 
 def _qspjax(cohort, schedule, config, chunk: int):
@@ -44,7 +45,7 @@ def _qspjax(cohort, schedule, config, chunk: int):
         C.block(simulate_batch(C.take(cohort.model, first), C.take(cohort.y0, first), schedule, config))
     diam, steps, status = [], [], []
     with C.Timer() as run:
-        for idx, real in C.chunks(n, chunk):
+        for idx, real in tqdm(C.chunks(n, chunk), total=-(-n // chunk), desc="qspjax", unit="chunk"):
             traj = C.block(simulate_batch(C.take(cohort.model, idx), C.take(cohort.y0, idx), schedule, config))
             models = C.take(cohort.model, idx)
             final = C.take(traj.ys, (slice(None), -1))
@@ -94,7 +95,7 @@ def _scipy_loop(cohort, schedule, config, patients):
         C.block((f(m0, z), jac(m0, z), jump(m0, y00, tuple(e[0] for e in events))))
     diam, rhs_calls, jac_calls, steps = [], 0, 0, 0
     with C.Timer() as run:
-        for i in patients:
+        for i in tqdm(patients, desc="scipy LSODA", unit="patient"):
             model, y = C.take(cohort.model, i), C.take(cohort.y0, i)
             system = _flat_system(model, y)
             scale = np.asarray(system.scale)
@@ -172,7 +173,7 @@ def _roadrunner_loop(cohort, schedule, config, patients, days: float):
     prepared = {i: patient_values(i) for i in patients}
     diam, failures = [], []
     with C.Timer() as run:
-        for i in patients:
+        for i in tqdm(patients, desc="libRoadRunner", unit="patient"):
             # reset() restores the exported (first) patient and fires its day-0 treatment event;
             # this patient's parameters and its state *after* the day-0 jumps (the same jump map,
             # applied by qspjax.simulate.apply_events) are then set as current values. Setting
