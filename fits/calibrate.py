@@ -8,13 +8,14 @@ seed, grown to their baseline tumors, then treated with the arm's regimen), RECI
 a smooth form (sigmoids of the -30 %/+20 % margins) so the predicted rates are differentiable in
 the population parameters, and the printed counts enter as binomial/multinomial likelihoods.
 Priors on the population medians (log/logit scale) and spreads come from
-``configs/inference/priors.yaml``. This script finds the posterior mode by Adam from several
+``configs/inference/priors.yaml``. This script finds the posterior mode by Adam or L-BFGS from several
 prior draws and writes the fitted population (a population file and a parameter overlay the
 simulator reads), the loss history and one fit-vs-observed figure per arm.
 
     python fits/calibrate.py --config configs/inference/fit_advanced.yaml --out runs/fit
 
-Sizes can be cut for a quick look (``--patients 8 --horizon-days 120 --steps 5``);
+Sizes can be cut for a quick look (``--patients 8 --horizon-days 120 --steps 5``); a second stage
+can start where a first ended (``--init-from runs/fit_advanced --method lbfgs``);
 ``--simulator kinetics`` swaps the ODE for the closed-form surrogate used in the tests.
 """
 
@@ -34,9 +35,11 @@ from qspjax.io import prepare_out_dir  # noqa: E402
 def main(args: argparse.Namespace) -> dict:
     cfg = with_overrides(load(args.config),
                          likelihood={"patients": args.patients, "horizon_days": args.horizon_days},
-                         optimizer={"starts": args.starts, "steps": args.steps, "seed": args.seed})
+                         optimizer={"starts": args.starts, "steps": args.steps, "seed": args.seed,
+                                    "method": args.method, "learning_rate": args.learning_rate})
     out = prepare_out_dir(args.out, overwrite=True)
-    result = run_fit(cfg, out, args.simulator, args.max_arms, progress=not args.quiet)
+    result = run_fit(cfg, out, args.simulator, args.max_arms, progress=not args.quiet,
+                     init_from=Path(args.init_from) if args.init_from else None)
     print(f"best negative log posterior {result['loss']:.3f} ({result['seconds']:.0f} s)")
     for name, value in result["natural"].items():
         print(f"  {name:>20s} = {value:.4g}")
@@ -51,9 +54,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--patients", type=int, default=None, help="virtual patients per arm")
     p.add_argument("--horizon-days", type=float, default=None)
     p.add_argument("--starts", type=int, default=None, help="optimiser starts drawn from the priors")
-    p.add_argument("--steps", type=int, default=None, help="Adam steps per start (at most)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps per start (at most)")
     p.add_argument("--max-arms", type=int, default=None, help="only the first N fitted arms")
     p.add_argument("--seed", type=int, default=None, help="seed of the starting points")
+    p.add_argument("--method", choices=("adam", "lbfgs"), default=None, help="optimiser (default: the run file's)")
+    p.add_argument("--learning-rate", type=float, default=None, help="Adam's step size (default: the run file's)")
+    p.add_argument("--init-from", default=None, help="start from the best parameters of this earlier fit's folder")
     p.add_argument("--quiet", action="store_true")
     return p
 

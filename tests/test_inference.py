@@ -95,6 +95,24 @@ def test_adam_calibration_recovers_the_generating_parameters(synthetic):
     assert result.loss <= -float(problem.log_posterior(jnp.asarray(truth))) + 1e-6 + 0.5
 
 
+def test_lbfgs_calibration_recovers_the_generating_parameters(synthetic):
+    from qspjax.inference.calibrate import calibrate
+
+    problem, truth = synthetic
+    result = calibrate(problem, jax.random.PRNGKey(0), starts=1, steps=40, patience=5, tolerance=1e-6,
+                       progress=False, method="lbfgs")
+    np.testing.assert_allclose(result.theta, truth, atol=0.05)  # the same tolerance as Adam's
+    history = result.histories[0]
+    assert len(history) < 40 and all(b <= a + 1e-9 for a, b in zip(history, history[1:]))  # a line search descends
+
+
+def test_unknown_optimiser_is_refused(synthetic):
+    from qspjax.inference.calibrate import calibrate
+
+    with pytest.raises(QSPValidationError, match="lbfgs"):
+        calibrate(synthetic[0], jax.random.PRNGKey(0), starts=1, steps=1, progress=False, method="sgd")
+
+
 def test_multi_start_calibration_compiles_the_objective_once(synthetic):
     from qspjax.inference.calibrate import calibrate
 

@@ -60,40 +60,84 @@ def screen_starts(problem: Problem, key: jax.Array, starts: int, candidates: int
     return cands[order[:starts]], cands, values
 
 
+METHODS = ("adam", "lbfgs")
+
+
+def _descent(problem: Problem, method: str, learning_rate: float, max_linesearch_steps: int = 8):
+    """(init, advance) of one optimiser on ``-log_posterior``; ``advance(theta, state, value, grad)``
+    takes the log posterior and its gradient at ``theta`` and returns them at the next point.
+
+    ``adam``: optax Adam with ``learning_rate``, one value-and-gradient per step. ``lbfgs``: optax
+    L-BFGS with its zoom line search (strong Wolfe), whose accepted point's value and gradient are
+    reused, so a step costs as many value-and-gradients as the line search tried (usually 1-2);
+    the line search compiles a second copy of the objective inside the update.
+    """
+    if method == "adam":
+        opt = optax.adam(learning_rate)
+
+        @jax.jit
+        def update(theta, state, grad):
+            updates, state = opt.update(-grad, state, theta)  # ascend the log posterior
+            return optax.apply_updates(theta, updates), state
+
+        def advance(theta, state, value, grad):
+            theta, state = update(theta, state, grad)
+            value, grad = problem.value_and_grad(theta)
+            return theta, state, value, grad
+
+        return opt.init, advance
+    if method == "lbfgs":
+        opt = optax.lbfgs(linesearch=optax.scale_by_zoom_linesearch(max_linesearch_steps=max_linesearch_steps,
+                                                                     initial_guess_strategy="one"))
+        loss_fn = lambda theta: -problem._log_posterior(theta)
+
+        @jax.jit
+        def update(theta, state, loss, grad):
+            updates, state = opt.update(grad, state, theta, value=loss, grad=grad, value_fn=loss_fn)
+            theta = optax.apply_updates(theta, updates)
+            return theta, state, optax.tree_utils.tree_get(state, "value"), optax.tree_utils.tree_get(state, "grad")
+
+        def advance(theta, state, value, grad):
+            theta, state, loss, neg_grad = update(theta, state, -value, -grad)
+            return theta, state, -loss, -neg_grad
+
+        return opt.init, advance
+    from qspjax.errors import QSPValidationError
+
+    raise QSPValidationError("optimizer", "method", method, f"allowed values are {list(METHODS)}")
+
+
 def calibrate(problem: Problem, key: jax.Array, starts: int = 4, steps: int = 200, learning_rate: float = 0.05,
               patience: int = 25, tolerance: float = 1e-3, initial: np.ndarray | None = None,
-              progress: bool = True, screen: int = 0) -> CalibrationResult:
-    """Multi-start Adam on the negative log posterior of ``problem``.
+              progress: bool = True, screen: int = 0, method: str = "adam") -> CalibrationResult:
+    """Multi-start descent (``method``: ``adam`` or ``lbfgs``, :func:`_descent`) on the negative log
+    posterior of ``problem``.
 
     Starts are ``starts`` prior draws, or, with ``screen`` > ``starts``, the best ``starts`` of
-    ``screen`` prior draws (:func:`screen_starts`). ``initial`` (S, D) replaces both. A start whose
-    loss turns non-finite is stopped and keeps its best finite point.
+    ``screen`` prior draws (:func:`screen_starts`). ``initial`` (S, D) replaces both. Each start
+    stops after ``steps`` steps, or when its best loss has not improved by ``tolerance`` (nats) for
+    ``patience`` steps; a start whose loss turns non-finite is stopped and keeps its best finite point.
     """
     from tqdm import tqdm
 
+    init, advance = _descent(problem, method, learning_rate)
     screened = None
     if initial is not None:
-        inits = np.asarray(initial)
+        inits = np.atleast_2d(np.asarray(initial, float))
     elif screen > starts:
         inits, cands, values = screen_starts(problem, key, starts, screen, progress)
         screened = {"candidates": cands, "log_posterior": values}
     else:
         inits = problem.sample_prior(key, starts)
-    opt = optax.adam(learning_rate)
-
-    @jax.jit
-    def update(theta, state, grad):
-        updates, state = opt.update(-grad, state, theta)  # ascend the log posterior
-        return optax.apply_updates(theta, updates), state
 
     histories, finals, losses = [], [], []
-    bar = tqdm(total=len(inits) * steps, desc="calibrating", unit="step", disable=not progress)
+    bar = tqdm(total=len(inits) * steps, desc=f"calibrating ({method})", unit="step", disable=not progress)
     for s, x0 in enumerate(inits):
         theta = jnp.asarray(x0, float)
-        state = opt.init(theta)
+        state = init(theta)
+        value, grad = problem.value_and_grad(theta)
         best, best_theta, since, history = math.inf, np.asarray(theta), 0, []
-        for _ in range(steps):
-            value, grad = problem.value_and_grad(theta)
+        for step in range(steps):
             loss = -float(value)
             bar.update(1)
             if not (math.isfinite(loss) and np.all(np.isfinite(np.asarray(grad)))):
@@ -107,8 +151,9 @@ def calibrate(problem: Problem, key: jax.Array, starts: int = 4, steps: int = 20
                     best, best_theta = loss, np.asarray(theta)
                 if since >= patience:
                     break
-            theta, state = update(theta, state, grad)
             bar.set_postfix(start=s, loss=f"{best:.3f}")
+            if step + 1 < steps:
+                theta, state, value, grad = advance(theta, state, value, grad)
         histories.append(history)
         finals.append(best_theta)
         losses.append(best)

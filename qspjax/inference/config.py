@@ -229,6 +229,7 @@ class OptimizerSettings:
     tolerance: float = 1e-3
     seed: int = 0
     screen: int = 0  # prior draws screened by a forward solve; the best `starts` are descended from
+    method: str = "adam"  # or "lbfgs" (optax L-BFGS with a zoom line search)
 
 
 @dataclass(frozen=True)
@@ -312,7 +313,13 @@ def load_run_config(path: str | Path) -> RunConfig:
     if lik.output_every_days > lik.horizon_days:
         raise QSPValidationError(path, "likelihood.output_every_days", lik.output_every_days,
                                  "must not exceed likelihood.horizon_days")
-    opt = _section(path, doc, "optimizer", OptimizerSettings, _OPT_RULES)
+    def method(where, value):
+        allowed = ("adam", "lbfgs")
+        if value not in allowed:
+            raise QSPValidationError(path, where, value, f"allowed values are {list(allowed)}")
+        return value
+
+    opt = _section(path, doc, "optimizer", OptimizerSettings, _OPT_RULES, {"method": method})
     nuts = _section(path, doc, "nuts", NutsSettings, _NUTS_RULES)
     return RunConfig(paths["priors"], paths["arms"], paths["params"], paths["population"], paths["trials"],
                      lik, opt, nuts, str(path), str(doc.get("description", "")))

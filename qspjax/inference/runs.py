@@ -50,18 +50,28 @@ def _prov(cfg: RunConfig, extra: dict, seed: int) -> dict:
 
 
 def run_fit(cfg: RunConfig, out: Path, simulator: str = "qsp", max_arms: int | None = None,
-            progress: bool = True) -> dict:
-    """Calibrate and write the outputs of :func:`qspjax.inference.calibrate.write_calibration`."""
+            progress: bool = True, init_from: Path | None = None) -> dict:
+    """Calibrate and write the outputs of :func:`qspjax.inference.calibrate.write_calibration`.
+
+    ``init_from``: a previous fit's output folder; its best parameters are the only start (a
+    second stage, e.g. L-BFGS after Adam).
+    """
     from qspjax.inference.calibrate import calibrate, write_calibration
 
     t0 = time.perf_counter()
     fit, _ = problems(cfg, simulator, max_arms)
     o = cfg.optimizer
+    initial = None
+    if init_from is not None:
+        from qspjax.inference.report import load_fitted_theta
+
+        initial = load_fitted_theta(init_from, fit)[None, :]
     result = calibrate(fit, jax.random.PRNGKey(o.seed), o.starts, o.steps, o.learning_rate, o.patience,
-                       o.tolerance, progress=progress, screen=o.screen)
+                       o.tolerance, initial=initial, progress=progress, screen=o.screen, method=o.method)
     seconds = time.perf_counter() - t0
     prov = _prov(cfg, {"simulator": simulator, "max_arms": max_arms, "arms": [a.arm_id for a in fit.arms],
-                       "arm_notes": {a.arm_id: list(a.notes) for a in fit.arms}, "wall_seconds": seconds},
+                       "arm_notes": {a.arm_id: list(a.notes) for a in fit.arms}, "wall_seconds": seconds,
+                       "init_from": None if init_from is None else str(init_from)},
                  o.seed)
     write_calibration(out, fit, result, prov)
     return {"loss": result.loss, "theta": result.theta, "natural": fit.natural(result.theta), "seconds": seconds}
