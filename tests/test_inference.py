@@ -106,6 +106,26 @@ def test_lbfgs_calibration_recovers_the_generating_parameters(synthetic):
     assert len(history) < 40 and all(b <= a + 1e-9 for a, b in zip(history, history[1:]))  # a line search descends
 
 
+def test_interrupted_calibration_keeps_its_best_point(synthetic, monkeypatch):
+    from qspjax.inference.calibrate import calibrate
+
+    problem, truth = synthetic
+    compiled, calls = problem.value_and_grad, []
+
+    def stopping(theta):  # Ctrl-C arrives during the fourth evaluation
+        calls.append(np.asarray(theta))
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return compiled(theta)
+
+    monkeypatch.setattr(problem, "value_and_grad", stopping)
+    result = calibrate(problem, jax.random.PRNGKey(0), starts=2, steps=50, progress=False)
+    assert result.interrupted and len(result.histories) == 1 and len(result.histories[0]) == 3
+    best = int(np.argmin(result.histories[0]))
+    np.testing.assert_allclose(result.theta, calls[best])
+    assert result.loss == pytest.approx(-float(problem.log_posterior(jnp.asarray(calls[best]))))
+
+
 def test_unknown_optimiser_is_refused(synthetic):
     from qspjax.inference.calibrate import calibrate
 

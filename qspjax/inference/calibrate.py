@@ -36,6 +36,7 @@ class CalibrationResult:
     best_start: int = 0
     finals: np.ndarray | None = None  # (S, D)
     screened: dict | None = None  # candidates (C, D) and their log posteriors (C,), when screened
+    interrupted: bool = False  # stopped by Ctrl-C (SIGINT); the best point found so far is kept
 
 
 def screen_starts(problem: Problem, key: jax.Array, starts: int, candidates: int,
@@ -132,35 +133,44 @@ def calibrate(problem: Problem, key: jax.Array, starts: int = 4, steps: int = 20
 
     histories, finals, losses = [], [], []
     bar = tqdm(total=len(inits) * steps, desc=f"calibrating ({method})", unit="step", disable=not progress)
+    interrupted = False
     for s, x0 in enumerate(inits):
         theta = jnp.asarray(x0, float)
-        state = init(theta)
-        value, grad = problem.value_and_grad(theta)
         best, best_theta, since, history = math.inf, np.asarray(theta), 0, []
-        for step in range(steps):
-            loss = -float(value)
-            bar.update(1)
-            if not (math.isfinite(loss) and np.all(np.isfinite(np.asarray(grad)))):
-                break
-            history.append(loss)
-            if loss < best - tolerance:
-                best, best_theta, since = loss, np.asarray(theta), 0
-            else:
-                since += 1
-                if loss < best:
-                    best, best_theta = loss, np.asarray(theta)
-                if since >= patience:
+        try:
+            state = init(theta)
+            value, grad = problem.value_and_grad(theta)
+            for step in range(steps):
+                loss = -float(value)
+                bar.update(1)
+                if not (math.isfinite(loss) and np.all(np.isfinite(np.asarray(grad)))):
                     break
-            bar.set_postfix(start=s, loss=f"{best:.3f}")
-            if step + 1 < steps:
-                theta, state, value, grad = advance(theta, state, value, grad)
-        histories.append(history)
-        finals.append(best_theta)
-        losses.append(best)
+                history.append(loss)
+                if loss < best - tolerance:
+                    best, best_theta, since = loss, np.asarray(theta), 0
+                else:
+                    since += 1
+                    if loss < best:
+                        best, best_theta = loss, np.asarray(theta)
+                    if since >= patience:
+                        break
+                bar.set_postfix(start=s, loss=f"{best:.3f}")
+                if step + 1 < steps:
+                    theta, state, value, grad = advance(theta, state, value, grad)
+        except KeyboardInterrupt:  # Ctrl-C (SIGINT): keep what the run has found and write it
+            interrupted = True
+        if history or not interrupted:
+            histories.append(history)
+            finals.append(best_theta)
+            losses.append(best)
+        if interrupted:
+            break
     bar.close()
+    if not losses:
+        raise KeyboardInterrupt("calibration interrupted before its first evaluation")
     i = int(np.argmin(losses))
     return CalibrationResult(np.asarray(finals[i]), float(losses[i]), inits, histories, i, np.asarray(finals),
-                             screened)
+                             screened, interrupted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +272,7 @@ def write_calibration(out: Path, problem: Problem, result: CalibrationResult, pr
     history = {"ids": list(problem.ids), "best_start": result.best_start, "best_loss": result.loss,
                "theta": result.theta, "natural": problem.natural(result.theta),
                "starts": result.starts, "finals": result.finals, "loss_history": result.histories,
+               "interrupted": result.interrupted,
                "screened": None if result.screened is None else {
                    "candidates": result.screened["candidates"],
                    "log_posterior": [float(v) if math.isfinite(v) else None for v in result.screened["log_posterior"]]}}
