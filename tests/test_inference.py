@@ -391,3 +391,39 @@ def test_report_refuses_parameters_of_another_prior_set(tmp_path):
     fit, _ = problems(load(REPO / "configs/inference/fit_advanced.yaml"), "kinetics")
     with pytest.raises(QSPValidationError, match="ids"):
         load_fitted_theta(tmp_path, fit)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("QSPJAX_FULL_ODE_TESTS") != "1",
+                    reason="QSP objective: ~10 min of CPU, mostly compilation; set QSPJAX_FULL_ODE_TESTS=1")
+def test_qsp_calibration_recovers_parameters_from_data_the_model_generated(params):
+    """Synthetic data from the QSP model itself (expected counts of 4,000 patients per arm at known
+    medians of growth and T-cell kill); L-BFGS from the prior centre recovers them."""
+    from qspjax.inference.calibrate import calibrate
+    from qspjax.regimen import load_regimen
+    from qspjax.vpop import load_population
+
+    priors = PriorSet((Prior("k_C1_growth", "k_C1_growth", "median", None, 1.0),
+                       Prior("k_C_T1", "k_C_T1", "median", None, 1.0)))
+    rt_ici = load_regimen(REPO / "configs/regimens/pembro_rt_sbrt.yaml")
+    ici = load_regimen(REPO / "configs/regimens/pembrolizumab_200mg_q3w.yaml")
+    settings = LikelihoodSettings(patients=4, horizon_days=42.0, output_every_days=7.0, assessment_interval_days=14.0,
+                                  temperature=0.1, rtol=1e-6)
+    spec = load_population()
+    template = [ArmData("rt_ici", rt_ici, 10, (1, 1, 1, 1), None, (28.0,), (5,)),
+                ArmData("ici", ici, 10, (1, 1, 1, 1), None, (28.0,), (5,))]
+    generator = Problem(template, priors, params, spec, settings, simulator="qsp")
+    truth = generator.prior_means() + np.array([0.3, -0.3])
+    pred = generator.predict(jnp.asarray(truth))
+    n = 4000
+    arms = []
+    for i, a in enumerate(template):
+        p4 = np.asarray(pred.response[i, :4]) / float(np.sum(pred.response[i, :4]))
+        counts = tuple(int(x) for x in np.round(n * p4))
+        alive = int(round(sum(counts) * float(pred.pfs[i, 2] / pred.pfs[i, 0])))  # day 28 = 2nd scan
+        arms.append(ArmData(a.arm_id, a.regimen, sum(counts), counts, None, (28.0,), (alive,)))
+    problem = Problem(arms, priors, params, spec, settings, simulator="qsp")
+    result = calibrate(problem, jax.random.PRNGKey(0), initial=problem.prior_means()[None, :], steps=30,
+                       patience=4, tolerance=1e-4, progress=False, method="lbfgs")
+    # tolerance: 0.05 on the log scale (5 %), as for the surrogate's recovery
+    np.testing.assert_allclose(result.theta, truth, atol=0.05)

@@ -157,7 +157,7 @@ def calibrate(problem: Problem, key: jax.Array, starts: int = 4, steps: int = 20
                 bar.set_postfix(start=s, loss=f"{best:.3f}")
                 if step + 1 < steps:
                     theta, state, value, grad = advance(theta, state, value, grad)
-        except KeyboardInterrupt:  # Ctrl-C (SIGINT): keep what the run has found and write it
+        except KeyboardInterrupt:  # Ctrl-C (SIGINT), seen once the running compiled step returns: keep what was found
             interrupted = True
         if history or not interrupted:
             histories.append(history)
