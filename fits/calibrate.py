@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import qspjax  # noqa: E402,F401  (float64)
+from qspjax.inference.config import OPTIMIZER_METHODS  # noqa: E402
 from qspjax.inference.runs import load, run_fit, with_overrides  # noqa: E402
 from qspjax.io import prepare_out_dir  # noqa: E402
 
@@ -57,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per start (at most)")
     p.add_argument("--max-arms", type=int, default=None, help="only the first N fitted arms")
     p.add_argument("--seed", type=int, default=None, help="seed of the starting points")
-    p.add_argument("--method", choices=("adam", "lbfgs"), default=None, help="optimiser (default: the run file's)")
+    p.add_argument("--method", choices=OPTIMIZER_METHODS, default=None, help="optimiser (default: the run file's)")
     p.add_argument("--learning-rate", type=float, default=None, help="Adam's step size (default: the run file's)")
     p.add_argument("--init-from", default=None, help="start from the best parameters of this earlier fit's folder")
     p.add_argument("--quiet", action="store_true")

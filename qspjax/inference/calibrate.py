@@ -21,6 +21,7 @@ import numpy as np
 import optax
 import yaml
 
+from qspjax.inference.config import OPTIMIZER_METHODS
 from qspjax.inference.likelihood import DAYS_PER_MONTH, Problem
 from qspjax.io import atomic_write, atomic_write_json, atomic_write_text
 
@@ -59,9 +60,6 @@ def screen_starts(problem: Problem, key: jax.Array, starts: int, candidates: int
     values = np.asarray(values)
     order = np.argsort(-values, kind="stable")
     return cands[order[:starts]], cands, values
-
-
-METHODS = ("adam", "lbfgs")
 
 
 def _descent(problem: Problem, method: str, learning_rate: float, max_linesearch_steps: int = 8):
@@ -105,7 +103,7 @@ def _descent(problem: Problem, method: str, learning_rate: float, max_linesearch
         return opt.init, advance
     from qspjax.errors import QSPValidationError
 
-    raise QSPValidationError("optimizer", "method", method, f"allowed values are {list(METHODS)}")
+    raise QSPValidationError("optimizer", "method", method, f"allowed values are {list(OPTIMIZER_METHODS)}")
 
 
 def calibrate(problem: Problem, key: jax.Array, starts: int = 4, steps: int = 200, learning_rate: float = 0.05,

@@ -220,6 +220,9 @@ class LikelihoodSettings:
     target_lesions: tuple[str, ...] = ("irradiated", "non_irradiated")
 
 
+OPTIMIZER_METHODS = ("adam", "lbfgs")
+
+
 @dataclass(frozen=True)
 class OptimizerSettings:
     starts: int = 4
@@ -229,7 +232,7 @@ class OptimizerSettings:
     tolerance: float = 1e-3
     seed: int = 0
     screen: int = 0  # prior draws screened by a forward solve; the best `starts` are descended from
-    method: str = "adam"  # or "lbfgs" (optax L-BFGS with a zoom line search)
+    method: str = "adam"  # one of OPTIMIZER_METHODS ("lbfgs": optax L-BFGS with a zoom line search)
 
 
 @dataclass(frozen=True)
@@ -314,9 +317,8 @@ def load_run_config(path: str | Path) -> RunConfig:
         raise QSPValidationError(path, "likelihood.output_every_days", lik.output_every_days,
                                  "must not exceed likelihood.horizon_days")
     def method(where, value):
-        allowed = ("adam", "lbfgs")
-        if value not in allowed:
-            raise QSPValidationError(path, where, value, f"allowed values are {list(allowed)}")
+        if value not in OPTIMIZER_METHODS:
+            raise QSPValidationError(path, where, value, f"allowed values are {list(OPTIMIZER_METHODS)}")
         return value
 
     opt = _section(path, doc, "optimizer", OptimizerSettings, _OPT_RULES, {"method": method})
