@@ -25,6 +25,8 @@ final tumor diameters (every patient of the subsample, every lesion) from qspjax
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 try:
     from benchmarks import _common as C
@@ -203,9 +205,18 @@ def _agreement(ours, theirs):
     return float(np.max(np.abs(np.asarray(theirs) - ours) / np.maximum(np.abs(ours), 1e-12)))
 
 
-def main(args):
+def main(args, argv: list[str] | None = None):
+    """Run the benchmark; ``argv`` (default ``sys.argv[1:]``) is the command line that
+    ``--local-processes`` starts again in each process."""
+    from qspjax import distributed
     from qspjax.regimen import compile_schedule
     from qspjax.simulate import SolverConfig
+
+    if args.local_processes > 1 and args.coordinator is None:
+        # this command again, as K cooperating processes of this machine (one device each)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        return distributed.launch_local(args.local_processes, [sys.executable, str(Path(__file__).resolve())] + argv)
+    distributed.from_arguments(args)
 
     config = SolverConfig(rtol=args.rtol, atol=args.atol)
     with C.Timer() as grow:
@@ -213,12 +224,18 @@ def main(args):
     schedule = compile_schedule(C.benchmark_regimen(args.days), ("nivolumab",), np.arange(0.0, args.days + 1.0),
                                 n_lesions=2)
     ours = _qspjax(cohort, schedule, config, args.chunk)
+    if not distributed.is_writer():  # the other processes of a multi-process run only solve their share
+        return None
+    import jax
+
+    ours["processes"] = jax.process_count()
     ref_n = min(args.reference_n, args.n)
     patients = list(range(ref_n))
     result = {"machine": C.machine(), "n": args.n, "days": args.days, "rtol": args.rtol, "atol": args.atol,
               "reference_n": ref_n, "cohort_growth_seconds": grow.seconds,
               "qspjax": {k: v for k, v in ours.items() if k != "final_diameter_cm"}}
-    rows = [("qspjax (vmap, chunk %d)" % ours["chunk"], args.n, f"{ours['seconds']:.2f}",
+    rows = [("qspjax (vmap, chunk %d, %d process%s)" % (ours["chunk"], ours["processes"],
+                                                     "es" if ours["processes"] > 1 else ""), args.n, f"{ours['seconds']:.2f}",
              f"{ours['patients_per_second']:.3g}", "1", "-", f"{ours['compile_seconds']:.1f} compile")]
     if not args.skip_scipy:
         sp = _scipy_loop(cohort, schedule, config, patients)
@@ -299,6 +316,11 @@ def build_parser():
     p.add_argument("--skip-roadrunner", action="store_true")
     p.add_argument("--profile", action="store_true", help="also time RHS, Jacobian and LU calls")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
+    # --local-processes K: qspjax's part as K cooperating processes of this machine, one CPU device
+    # (about one core) each, every chunk split between them; the reference loops run in process 0.
+    from qspjax.distributed import add_arguments
+
+    add_arguments(p)
     return p
 
 

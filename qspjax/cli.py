@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # a bad or --help command line: the same status in-process as from a shell
         return int(exc.code or 0)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for --local-processes, which runs it again
     try:
         return int(args.func(args) or 0)
     except QSPValidationError as exc:

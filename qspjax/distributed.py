@@ -2,8 +2,9 @@
 
 Every process runs the same command. Each builds the whole virtual cohort from the seed (cheap and
 deterministic), the treatment solves are split over every device of every process
-(:func:`qspjax.simulate.over_devices`: a ``NamedSharding`` of the patient axis over a global
-``Mesh``), and each process gets the whole result back; process 0 writes the outputs.
+(:func:`qspjax.simulate.over_devices`: the patient axis split over a global ``Mesh``, each device
+stepping its own patients under ``shard_map``), and each process gets the whole result back;
+process 0 writes the outputs.
 Pre-treatment growth is not split (each process grows the whole cohort): it costs a fraction of
 a treatment course.
 
@@ -11,10 +12,13 @@ a treatment course.
     qspjax compare EXPERIMENT --out DIR --coordinator host0:12355 --num-processes N --process-id I
 
 On CPU the cross-process collectives use gloo. Cluster launchers that JAX detects (SLURM, Open
-MPI, ...) need only ``--distributed``.
+MPI, ...) need only ``--distributed``. On one multi-core machine, :func:`launch_local` starts the
+K processes itself (``--local-processes K``).
 """
 
 from __future__ import annotations
+
+import sys
 
 import jax
 
@@ -44,6 +48,43 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
+def launch_local(num_processes: int, command: list[str]) -> int:
+    """Run ``command`` as ``num_processes`` cooperating processes of this machine and wait for them.
+
+    Each copy gets ``--coordinator localhost:PORT --num-processes K --process-id I`` appended (a
+    free port is picked here). Process 0's output goes to this process's stdout and stderr; the
+    others' stdout is discarded (they compute their share and write nothing) and their stderr is
+    kept and shown if they fail. Returns the first non-zero exit status, or 0.
+
+    Why: one XLA CPU device runs a batched solve on about one core. Several processes, one device
+    each, use several cores; several CPU devices inside one process (``--xla_force_host_platform_
+    device_count``) were seen to hang on a 2-core machine once a device's batch exceeded a few
+    patients (RESULTS.md).
+    """
+    import socket
+    import subprocess
+    import tempfile
+
+    if num_processes < 1:
+        raise QSPValidationError("command line", "--local-processes", num_processes, "must be >= 1")
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    flags = ["--coordinator", f"localhost:{port}", "--num-processes", str(num_processes)]
+    procs, logs = [], []
+    for i in range(num_processes):
+        log = None if i == 0 else tempfile.TemporaryFile(mode="w+")
+        procs.append(subprocess.Popen(command + flags + ["--process-id", str(i)],
+                                      stdout=None if i == 0 else subprocess.DEVNULL, stderr=log))
+        logs.append(log)
+    codes = [proc.wait() for proc in procs]
+    for i, (code, log) in enumerate(zip(codes, logs)):
+        if code and log is not None:
+            log.seek(0)
+            print(f"process {i} exited with {code}:\n{log.read()[-3000:]}", file=sys.stderr)
+    return next((c for c in codes if c), 0)
+
+
 def add_arguments(p) -> None:
     """The multi-process flags of ``qspjax trial`` and ``qspjax compare``."""
     g = p.add_argument_group("multi-process (jax.distributed)")
@@ -52,6 +93,21 @@ def add_arguments(p) -> None:
     g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (with --num-processes, --process-id)")
     g.add_argument("--num-processes", type=int, default=None)
     g.add_argument("--process-id", type=int, default=None)
+    g.add_argument("--local-processes", type=int, default=1,
+                   help="run as K cooperating processes of this machine, one CPU device (about one core) "
+                        "each, patients split between them (default 1)")
+
+
+def relaunch_locally(args) -> int | None:
+    """With ``--local-processes K`` (K > 1) and no other multi-process flag, run the command line
+    ``args.argv`` (set by :func:`qspjax.cli.main`) again as K local processes and return their exit
+    status; otherwise ``None`` (go on in this process)."""
+    k = getattr(args, "local_processes", 1)
+    if k < 1:
+        raise QSPValidationError("command line", "--local-processes", k, "must be >= 1")
+    if k == 1 or args.coordinator is not None or args.distributed:
+        return None
+    return launch_local(k, [sys.executable, "-m", "qspjax.cli"] + list(args.argv))
 
 
 def from_arguments(args) -> None:

@@ -177,9 +177,9 @@ def treat_population(
     grid = np.arange(0.0, days + 1e-9, output_every)
     n_points = max(timeline_points(r, grid) for r in regimens)
     n = len(population)
-    # A batch splits evenly over the run's devices (CPU: one per core with
-    # XLA_FLAGS=--xla_force_host_platform_device_count=N; GPUs: one each; every process's under
-    # jax.distributed).
+    # A batch splits evenly over the run's devices (GPUs: one each; every process's under
+    # jax.distributed, e.g. one CPU device per process with --local-processes); simulate_batch
+    # would pad an uneven one, this keeps the padding out of the timing.
     n_dev = jax.device_count()
     chunk = n_dev * math.ceil(min(chunk, n) / n_dev)
     results = []

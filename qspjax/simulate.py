@@ -263,32 +263,86 @@ def simulate_batch(model_batch: QSPModel, y0_batch: State, schedule: Schedule,
     """Solve a batch of patients: a leading patient axis on every leaf of the model and states.
 
     With more than one device (``devices``, default every device of the run: the local ones, or
-    every process's after :func:`qspjax.distributed.initialize`), the patient axis is sharded over
-    them (:func:`shard_patients`) and the same compiled program runs on each shard; the result is
-    the same as on one device, and complete on every process.
+    every process's after :func:`qspjax.distributed.initialize`), the patient axis is split over
+    them (:func:`over_devices`) and each device solves its own share; the result is the same as on
+    one device, and complete on every process.
     """
-    return over_devices(lambda m, y: _simulate_batch_jit(m, y, schedule, config), (model_batch, y0_batch), devices)
+    return over_devices(_simulate_batch_jit, (model_batch, y0_batch), (schedule, config), devices)
 
 
-def over_devices(fn, batch: tuple, devices=None):
-    """``fn(*batch)`` with the leading (patient) axis of ``batch``'s arrays split over ``devices``
-    (default ``jax.devices()``).
+def over_devices(fn, batch: tuple, static: tuple = (), devices=None):
+    """``fn(*batch, *static, mesh)`` with the leading (patient) axis of ``batch``'s arrays split
+    over ``devices`` (default ``jax.devices()``); ``mesh`` is ``None`` on one device.
+
+    ``fn`` (a jitted batch solver such as :func:`_simulate_batch_jit`) is expected to run its
+    per-device work under :func:`per_device`, so that each device steps its own patients in its
+    own loop. A batch whose size does not divide by the device count is padded with copies of its
+    last patient, and the copies are dropped from the result.
 
     Across several processes (``jax.distributed``) every process passes the whole batch (cohorts
     are drawn from a seed, so each can build it), its devices solve their share, and every process
     gets the whole result back (an all-gather). Inside a traced function (the calibration
-    objective) the split is a sharding constraint and the result stays a traced global array.
+    objective) the result stays a traced global array.
     """
     devices = jax.devices() if devices is None else list(devices)
     if len(devices) == 1:
-        return fn(*batch)
+        return fn(*batch, *static, None)
+    from jax.sharding import Mesh
+
+    n = _batch_size(batch)
+    pad = (-n) % len(devices)
+    if pad:
+        batch = jax.tree_util.tree_map(
+            lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if _batched(x) else x, batch)
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(batch))
-    out = fn(*shard_patients(batch, devices))
+    mesh = Mesh(np.asarray(devices), ("patients",))
+    out = fn(*shard_patients(batch, devices), *static, mesh)
     if jax.process_count() > 1 and not traced:
         from jax.experimental import multihost_utils
 
         out = jax.tree_util.tree_map(jnp.asarray, multihost_utils.process_allgather(out, tiled=True))
+    if pad:
+        out = jax.tree_util.tree_map(lambda x: x[:n] if _batched(x) else x, out)
     return out
+
+
+def _batched(x) -> bool:
+    return eqx.is_array(x) and x.ndim > 0
+
+
+def _batch_size(tree) -> int:
+    sizes = {int(x.shape[0]) for x in jax.tree_util.tree_leaves(tree) if _batched(x)}
+    if len(sizes) != 1:
+        raise ValueError(f"the arrays of a batch must share one leading (patient) axis; got sizes {sorted(sizes)}")
+    return sizes.pop()
+
+
+def per_device(fn, mesh, batch: tuple, shared: tuple = ()):
+    """``fn(*batch, *shared)`` for a patient batch, each device of ``mesh`` running it on its
+    own shard (``jax.shard_map``); with ``mesh`` ``None``, just the call. ``shared`` arrays (a
+    schedule) are the same on every device.
+
+    Why not a plain ``vmap`` over a sharded axis: a vmapped adaptive solve is a ``while_loop``
+    whose condition asks whether *any* patient still runs; partitioned over devices, that is an
+    all-reduce across devices at every solver step, so every device steps in lock-step with the
+    slowest patient anywhere. Under ``shard_map`` each device's loop ends when its own patients
+    are done, with no communication at all until the results are gathered.
+    """
+    if mesh is None:
+        return fn(*batch, *shared)
+    from jax.sharding import PartitionSpec as P
+
+    dyn, stat = eqx.partition((batch, shared), eqx.is_array)
+    specs = (jax.tree_util.tree_map(lambda x: P("patients") if x.ndim > 0 else P(), dyn[0]),
+             jax.tree_util.tree_map(lambda _: P(), dyn[1]))
+
+    def local(d):
+        b, s = eqx.combine(d, stat)
+        return fn(*b, *s)
+
+    out_shape = jax.eval_shape(local, dyn)
+    out_specs = jax.tree_util.tree_map(lambda x: P("patients") if x.ndim > 0 else P(), out_shape)
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs,), out_specs=out_specs, check_vma=False)(dyn)
 
 
 def shard_patients(tree, devices):
@@ -319,8 +373,11 @@ def shard_patients(tree, devices):
 
 
 @eqx.filter_jit
-def _simulate_batch_jit(model_batch, y0_batch, schedule, config):
-    return jax.vmap(lambda m, y: simulate_patient(m, y, schedule, config))(model_batch, y0_batch)
+def _simulate_batch_jit(model_batch, y0_batch, schedule, config, mesh=None):
+    def solve(models, y0s, sched):
+        return jax.vmap(lambda m, y: simulate_patient(m, y, sched, config))(models, y0s)
+
+    return per_device(solve, mesh, (model_batch, y0_batch), (schedule,))
 
 
 # ---------------------------------------------------------------------------------------------

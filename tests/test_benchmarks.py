@@ -18,17 +18,19 @@ if str(REPO) not in sys.path:  # the scripts live in benchmarks/, outside the in
 
 pytestmark = pytest.mark.slow  # compiles the cohort growth and the simulator (~100 s on 2 shared cores)
 
-TINY = ["--n", "2", "--days", "20"]
+# Both scripts run at one size (2 patients, 10 days, chunks of 2) so that the second reuses the
+# cohort growth and simulator the first compiled (same shapes, same process: ~30 s saved).
+TINY = ["--n", "2", "--days", "10", "--chunk", "2"]
 
 
 def test_memory_script_reports_peak_rss_and_trajectory_size(tmp_path):
     from benchmarks import memory
 
     out = tmp_path / "m.json"
-    memory.main(memory.build_parser().parse_args(TINY + ["--chunk", "2", "--json", str(out)]))
+    memory.main(memory.build_parser().parse_args(TINY + ["--json", str(out)]))
     res = json.loads(out.read_text())
-    # 2 patients x 21 daily points x 53 states x 8 bytes
-    assert res["trajectory_bytes"] == 2 * 21 * 53 * 8
+    # 2 patients x 11 daily points x 53 states x 8 bytes
+    assert res["trajectory_bytes"] == 2 * 11 * 53 * 8
     assert res["peak_rss_mib"] >= res["peak_rss_mib_before"] > 0
 
 
@@ -37,7 +39,7 @@ def test_throughput_script_runs_all_three_solvers_and_they_agree(tmp_path):
 
     out = tmp_path / "t.json"
     throughput.main(throughput.build_parser().parse_args(
-        ["--n", "2", "--days", "10", "--chunk", "2", "--reference-n", "1", "--json", str(out)]))
+        TINY + ["--reference-n", "1", "--json", str(out)]))
     res = json.loads(out.read_text())
     assert res["qspjax"]["n_failed"] == 0 and res["qspjax"]["patients_per_second"] > 0
     for ref in ("scipy", "roadrunner"):

@@ -85,3 +85,37 @@ def test_multi_process_flags_come_together():
         initialize("localhost:1234", 2, None)
     with pytest.raises(QSPValidationError, match="--process-id"):
         initialize("localhost:1234", 2, 2)
+
+
+def test_launch_local_starts_cooperating_processes_and_returns_the_first_failure(capfd):
+    from qspjax.distributed import launch_local
+
+    show = ("import sys; a = sys.argv[1:]; pid = int(a[a.index('--process-id') + 1]);"
+            " print('ARGS', ' '.join(a)); sys.exit(pid * int(a[0]))")
+    assert launch_local(3, [sys.executable, "-c", show, "0"]) == 0
+    out = capfd.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("ARGS")]
+    assert len(lines) == 1  # only process 0 speaks
+    words = lines[0].split()
+    assert words[words.index("--num-processes") + 1] == "3" and words[words.index("--process-id") + 1] == "0"
+    assert words[words.index("--coordinator") + 1].startswith("localhost:")
+    # processes 1 and 2 exit with 7 and 14: the first failure is returned and its stderr shown
+    assert launch_local(3, [sys.executable, "-c", show, "7"]) == 7
+    assert "process 1 exited with 7" in capfd.readouterr().err
+    with pytest.raises(QSPValidationError, match="--local-processes"):
+        launch_local(0, [sys.executable, "-c", "pass"])
+
+
+def test_local_processes_flag_runs_the_same_command_line_again(monkeypatch, tmp_path):
+    import qspjax.distributed as dist
+    from qspjax.cli import main
+
+    calls = []
+    monkeypatch.setattr(dist, "launch_local", lambda k, command: calls.append((k, command)) or 5)
+    argv = ["compare", "configs/experiments/rt_nivolumab_protocols.yaml", "--patients", "2",
+            "--out", str(tmp_path / "o"), "--local-processes", "2"]
+    assert main(argv) == 5  # the launched processes' exit status is the command's
+    (k, command), = calls
+    assert k == 2 and command[1:3] == ["-m", "qspjax.cli"] and command[3:] == argv
+    assert not (tmp_path / "o").exists()  # nothing ran in this process
+    assert main(argv[:-1] + ["0"]) == 2  # --local-processes 0 is refused

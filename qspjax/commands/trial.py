@@ -81,8 +81,11 @@ def _config(args) -> dict:
 
 def run_trial(args: argparse.Namespace) -> int:
     _check(args)
-    from qspjax.distributed import from_arguments, is_writer
+    from qspjax.distributed import from_arguments, is_writer, relaunch_locally
 
+    status = relaunch_locally(args)
+    if status is not None:
+        return status
     from_arguments(args)
     from qspjax.io import prepare_out_dir, provenance
     from qspjax.params import load_parameters
@@ -126,8 +129,11 @@ def run_trial(args: argparse.Namespace) -> int:
 
 def run_compare(args: argparse.Namespace) -> int:
     _check(args)
-    from qspjax.distributed import from_arguments, is_writer
+    from qspjax.distributed import from_arguments, is_writer, relaunch_locally
 
+    status = relaunch_locally(args)
+    if status is not None:
+        return status
     from_arguments(args)
     from qspjax.io import prepare_out_dir, provenance
     from qspjax.params import load_parameters
