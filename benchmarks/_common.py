@@ -48,6 +48,20 @@ def take(tree, idx):
     return jax.tree_util.tree_map(lambda x: x[idx], tree)
 
 
+def join_processes(args, argv: list[str] | None, script: str) -> int | None:
+    """The multi-process flags of a benchmark (``qspjax.distributed.add_arguments``): with
+    ``--local-processes K``, run ``script`` with ``argv`` (default ``sys.argv[1:]``) again as K
+    processes of this machine and return their exit status; otherwise join the run the flags name,
+    if any, and return ``None``."""
+    from qspjax import distributed
+
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    status = distributed.relaunch_locally(args, [sys.executable, str(Path(script).resolve())])
+    if status is None:
+        distributed.from_arguments(args)
+    return status
+
+
 def chunks(n: int, size: int):
     """Index arrays of fixed length ``size`` covering 0..n-1 (the last one padded by repeats), so
     that every chunk has one shape and one compilation; the second item says how many are real."""

@@ -23,8 +23,17 @@ except ImportError:  # run as a script
 import numpy as np
 
 
-def main(args):
+def main(args, argv: list[str] | None = None):
+    """Run the benchmark; ``argv`` (default ``sys.argv[1:]``) is the command line that
+    ``--local-processes`` starts again in each process (each holds the whole cohort's trajectories;
+    process 0 reports its own memory)."""
     import jax
+
+    from qspjax import distributed
+
+    status = C.join_processes(args, argv, __file__)
+    if status is not None:
+        return status
 
     from qspjax.params import load_parameters
     from qspjax.regimen import compile_schedule
@@ -52,6 +61,8 @@ def main(args):
                 stored[k][start:start + real] = v
             failed += int(np.sum((np.asarray(traj.status)[:real] != 0) | (np.asarray(cohort.status)[:real] != 0)))
             del traj, cohort
+    if not distributed.is_writer():
+        return None
     trajectory_bytes = int(sum(v.nbytes for v in stored.values()))
     stats = None
     try:
@@ -62,7 +73,7 @@ def main(args):
            "states_per_patient": int(sum(np.prod(v.shape[2:], dtype=int) for v in stored.values())),
            "trajectory_bytes": trajectory_bytes, "peak_rss_mib_before": rss_start,
            "peak_rss_mib": C.peak_rss_mib(), "xla_memory_stats": stats, "seconds": run.seconds,
-           "n_failed": failed}
+           "n_failed": failed, "processes": jax.process_count()}
     C.print_table([(args.n, chunk, f"{args.days:g}", f"{trajectory_bytes / 2**20:.1f}", f"{rss_start:.0f}",
                     f"{out['peak_rss_mib']:.0f}", f"{run.seconds:.1f}",
                     "n/a" if not stats else f"{stats.get('peak_bytes_in_use', 0) / 2**20:.0f}")],
@@ -82,6 +93,9 @@ def build_parser():
     p.add_argument("--atol", type=float, default=1e-9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results to this JSON file")
+    from qspjax.distributed import add_arguments
+
+    add_arguments(p)  # --local-processes K: K processes of this machine, each chunk split between them
     return p
 
 

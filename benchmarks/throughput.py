@@ -25,8 +25,6 @@ final tumor diameters (every patient of the subsample, every lesion) from qspjax
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 try:
     from benchmarks import _common as C
@@ -212,11 +210,9 @@ def main(args, argv: list[str] | None = None):
     from qspjax.regimen import compile_schedule
     from qspjax.simulate import SolverConfig
 
-    if args.local_processes > 1 and args.coordinator is None:
-        # this command again, as K cooperating processes of this machine (one device each)
-        argv = list(sys.argv[1:] if argv is None else argv)
-        return distributed.launch_local(args.local_processes, [sys.executable, str(Path(__file__).resolve())] + argv)
-    distributed.from_arguments(args)
+    status = C.join_processes(args, argv, __file__)
+    if status is not None:  # --local-processes: the run happened in the processes it started
+        return status
 
     config = SolverConfig(rtol=args.rtol, atol=args.atol)
     with C.Timer() as grow:

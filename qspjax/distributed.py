@@ -98,16 +98,17 @@ def add_arguments(p) -> None:
                         "each, patients split between them (default 1)")
 
 
-def relaunch_locally(args) -> int | None:
-    """With ``--local-processes K`` (K > 1) and no other multi-process flag, run the command line
-    ``args.argv`` (set by :func:`qspjax.cli.main`) again as K local processes and return their exit
-    status; otherwise ``None`` (go on in this process)."""
+def relaunch_locally(args, program: list[str] | None = None) -> int | None:
+    """With ``--local-processes K`` (K > 1) and no other multi-process flag, run ``program`` (default
+    the ``qspjax`` command) with the command line ``args.argv`` (set by :func:`qspjax.cli.main`)
+    again as K local processes and return their exit status; otherwise ``None`` (go on in this
+    process)."""
     k = getattr(args, "local_processes", 1)
     if k < 1:
         raise QSPValidationError("command line", "--local-processes", k, "must be >= 1")
     if k == 1 or args.coordinator is not None or args.distributed:
         return None
-    return launch_local(k, [sys.executable, "-m", "qspjax.cli"] + list(args.argv))
+    return launch_local(k, (program or [sys.executable, "-m", "qspjax.cli"]) + list(args.argv))
 
 
 def from_arguments(args) -> None:
