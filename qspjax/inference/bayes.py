@@ -119,9 +119,9 @@ def posterior_predictive(problem: Problem, draws: np.ndarray, key: jax.Array, n_
         if k is not None:
             lo, hi = binomial_ci(int(k), int(a.n), level)
             rows.append(_row(a.arm_id, "orr", 100 * k / a.n, 100 * lo, 100 * hi, orr, lo_q, hi_q, lpd[i]))
-        origin, where = problem._index[i]
-        for d, kk, j in zip(a.pfs_days, a.pfs_progression_free, where):
-            curve = np.array([100 * p.pfs[i, j] / max(p.pfs[i, origin], 1e-12) for p in preds])
+        landmarks = np.array([np.asarray(problem.landmark_pfs(p, i)) for p in preds]).reshape(len(preds), -1)
+        for j, (d, kk) in enumerate(zip(a.pfs_days, a.pfs_progression_free)):
+            curve = 100 * landmarks[:, j]
             lo, hi = binomial_ci(int(kk), int(a.n), level)
             rows.append(_row(a.arm_id, f"pfs@{d:.0f}d", 100 * kk / a.n, 100 * lo, 100 * hi, curve, lo_q, hi_q, lpd[i]))
     return rows

@@ -272,6 +272,14 @@ class Problem:
                         np.searchsorted(self.assessment_days, days * (1 + 1e-9) + 1e-9, "right") - 1))
         return idx
 
+    def landmark_pfs(self, pred: Prediction, i: int) -> Float[Array, " P"]:
+        """Arm ``i``'s predicted progression-free fraction at its PFS landmarks (P,), counted from
+        the arm's outcome origin (its day 0, e.g. randomisation after induction): the cohort's
+        curve at each landmark's scan over its value at the origin's scan. Every consumer of
+        predicted landmarks (likelihood, posterior predictive, report, SBC) reads them here."""
+        origin, idx = self._index[i]
+        return pred.pfs[i, jnp.asarray(idx, dtype=int)] / jnp.maximum(pred.pfs[i, origin], 1e-12)
+
     def observed_data(self) -> tuple[dict, ...]:
         """The arms' printed data, one dict per arm: ``counts`` (CR, PR, SD, PD) or
         ``responders``, and ``pfs`` (progression-free at the arm's landmarks) where it has them."""
@@ -303,11 +311,10 @@ class Problem:
             elif "responders" in d:
                 ll = ll + binomial_logpmf(d["responders"], a.n, p[0] + p[1])
             if "pfs" in d:
-                origin, idx = self._index[i]
-                curve = pred.pfs[i] / jnp.maximum(pred.pfs[i, origin], 1e-12)
+                landmarks = self.landmark_pfs(pred, i)
                 at_risk, s_prev = a.n, 1.0
-                for j, jj in enumerate(idx):
-                    s, k = curve[jj], d["pfs"][j]
+                for j in range(landmarks.shape[0]):
+                    s, k = landmarks[j], d["pfs"][j]
                     ll = ll + binomial_logpmf(k, at_risk, s / jnp.maximum(s_prev, 1e-12))
                     at_risk, s_prev = k, s
             out.append(ll)

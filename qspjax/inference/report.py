@@ -47,10 +47,10 @@ def arm_rows(problem: Problem, theta, trials, role: str) -> list[dict]:
         orr = pub.get("orr")
         ci = pub.get("orr_ci")
         predicted = float(pred.response[i, 0] + pred.response[i, 1])
-        origin, where = problem._index[i]
+        landmarks = np.asarray(problem.landmark_pfs(pred, i))
         pfs = [{"months": float(d / DAYS_PER_MONTH), "observed_pct": 100.0 * k / a.n,
-                "predicted_pct": 100.0 * float(pred.pfs[i, j] / max(float(pred.pfs[i, origin]), 1e-12))}
-               for d, k, j in zip(a.pfs_days, a.pfs_progression_free, where)]
+                "predicted_pct": 100.0 * float(s)}
+               for d, k, s in zip(a.pfs_days, a.pfs_progression_free, landmarks)]
         rows.append({
             "id": a.arm_id, "role": role, "n": a.n, "regimen": a.regimen.name,
             "scored_by": "response_counts" if a.response_counts is not None else (

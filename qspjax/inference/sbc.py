@@ -44,9 +44,7 @@ from qspjax.inference.likelihood import Problem
 # ---------------------------------------------------------------------------------------------
 def _pfs_probabilities(problem: Problem, pred, i: int) -> np.ndarray:
     """The predicted progression-free fraction at arm ``i``'s landmarks, from its outcome origin."""
-    origin, idx = problem._index[i]
-    curve = np.asarray(pred.pfs[i]) / max(float(pred.pfs[i, origin]), 1e-12)
-    return np.clip(curve[np.asarray(idx, int)], 0.0, 1.0)
+    return np.clip(np.asarray(problem.landmark_pfs(pred, i)), 0.0, 1.0)
 
 
 def simulate_data(problem: Problem, theta, rng: np.random.Generator) -> tuple[dict, ...]:
