@@ -54,7 +54,8 @@ def launch_local(num_processes: int, command: list[str]) -> int:
     Each copy gets ``--coordinator localhost:PORT --num-processes K --process-id I`` appended (a
     free port is picked here). Process 0's output goes to this process's stdout and stderr; the
     others' stdout is discarded (they compute their share and write nothing) and their stderr is
-    kept and shown if they fail. Returns the first non-zero exit status, or 0.
+    kept and shown if they fail. When one process fails the others are stopped (they would wait
+    for it in a collective). Returns the failed process's exit status, or 0.
 
     Why: one XLA CPU device runs a batched solve on about one core. Several processes, one device
     each, use several cores; several CPU devices inside one process (``--xla_force_host_platform_
@@ -64,6 +65,7 @@ def launch_local(num_processes: int, command: list[str]) -> int:
     import socket
     import subprocess
     import tempfile
+    import time
 
     if num_processes < 1:
         raise QSPValidationError("command line", "--local-processes", num_processes, "must be >= 1")
@@ -77,12 +79,23 @@ def launch_local(num_processes: int, command: list[str]) -> int:
         procs.append(subprocess.Popen(command + flags + ["--process-id", str(i)],
                                       stdout=None if i == 0 else subprocess.DEVNULL, stderr=log))
         logs.append(log)
+    # A process that fails leaves the others waiting for it in a collective: stop them then.
+    failed = None
+    while any(proc.poll() is None for proc in procs):
+        failed = next((i for i, proc in enumerate(procs) if proc.poll()), None)
+        if failed is not None:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.terminate()
+            break
+        time.sleep(0.2)
     codes = [proc.wait() for proc in procs]
+    failed = failed if failed is not None else next((i for i, c in enumerate(codes) if c), None)
     for i, (code, log) in enumerate(zip(codes, logs)):
-        if code and log is not None:
+        if code and log is not None and (i == failed or code > 0):
             log.seek(0)
             print(f"process {i} exited with {code}:\n{log.read()[-3000:]}", file=sys.stderr)
-    return next((c for c in codes if c), 0)
+    return 0 if failed is None else codes[failed]
 
 
 def add_arguments(p) -> None:

@@ -87,11 +87,15 @@ def test_multi_process_flags_come_together():
         initialize("localhost:1234", 2, 2)
 
 
-def test_launch_local_starts_cooperating_processes_and_returns_the_first_failure(capfd):
+def test_launch_local_starts_cooperating_processes_and_stops_them_when_one_fails(capfd):
+    import time
+
     from qspjax.distributed import launch_local
 
-    show = ("import sys; a = sys.argv[1:]; pid = int(a[a.index('--process-id') + 1]);"
-            " print('ARGS', ' '.join(a)); sys.exit(pid * int(a[0]))")
+    # argv[0]: process 1's exit status; process 2 waits (as it would for a failed peer in a collective)
+    show = ("import sys, time; a = sys.argv[1:]; pid = int(a[a.index('--process-id') + 1]);"
+            " print('ARGS', ' '.join(a), flush=True); time.sleep(60 if pid == 2 and a[0] != '0' else 0);"
+            " sys.exit(int(a[0]) if pid == 1 else 0)")
     assert launch_local(3, [sys.executable, "-c", show, "0"]) == 0
     out = capfd.readouterr().out
     lines = [ln for ln in out.splitlines() if ln.startswith("ARGS")]
@@ -99,8 +103,9 @@ def test_launch_local_starts_cooperating_processes_and_returns_the_first_failure
     words = lines[0].split()
     assert words[words.index("--num-processes") + 1] == "3" and words[words.index("--process-id") + 1] == "0"
     assert words[words.index("--coordinator") + 1].startswith("localhost:")
-    # processes 1 and 2 exit with 7 and 14: the first failure is returned and its stderr shown
-    assert launch_local(3, [sys.executable, "-c", show, "7"]) == 7
+    start = time.monotonic()
+    assert launch_local(3, [sys.executable, "-c", show, "7"]) == 7  # process 1's status
+    assert time.monotonic() - start < 30  # process 2 was stopped, not waited for
     assert "process 1 exited with 7" in capfd.readouterr().err
     with pytest.raises(QSPValidationError, match="--local-processes"):
         launch_local(0, [sys.executable, "-c", "pass"])
