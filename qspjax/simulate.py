@@ -296,7 +296,7 @@ def over_devices(fn, batch: tuple, static: tuple = (), devices=None):
             lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if _batched(x) else x, batch)
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(batch))
     mesh = Mesh(np.asarray(devices), ("patients",))
-    out = fn(*shard_patients(batch, devices), *static, mesh)
+    out = fn(*shard_patients(batch, mesh), *static, mesh)
     if jax.process_count() > 1 and not traced:
         from jax.experimental import multihost_utils
 
@@ -333,35 +333,29 @@ def per_device(fn, mesh, batch: tuple, shared: tuple = ()):
     from jax.sharding import PartitionSpec as P
 
     dyn, stat = eqx.partition((batch, shared), eqx.is_array)
-    specs = (jax.tree_util.tree_map(lambda x: P("patients") if x.ndim > 0 else P(), dyn[0]),
-             jax.tree_util.tree_map(lambda _: P(), dyn[1]))
+    specs = (jax.tree_util.tree_map(_patient_spec, dyn[0]), jax.tree_util.tree_map(lambda _: P(), dyn[1]))
 
     def local(d):
         b, s = eqx.combine(d, stat)
         return fn(*b, *s)
 
-    out_shape = jax.eval_shape(local, dyn)
-    out_specs = jax.tree_util.tree_map(lambda x: P("patients") if x.ndim > 0 else P(), out_shape)
+    out_specs = jax.tree_util.tree_map(_patient_spec, jax.eval_shape(local, dyn))
     return jax.shard_map(local, mesh=mesh, in_specs=(specs,), out_specs=out_specs, check_vma=False)(dyn)
 
 
-def shard_patients(tree, devices):
-    """Place every array leaf of ``tree`` with its leading (patient) axis split over ``devices``
-    (a one-axis ``jax.sharding.Mesh`` named ``patients``); leaves whose leading axis does not
-    divide evenly, and scalars, are replicated. ``devices`` may span processes: each process then
-    fills its own devices' shards from its copy of the leaf."""
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+def shard_patients(tree, mesh):
+    """Place every array leaf of ``tree`` on ``mesh`` (one axis, ``patients``) with its leading
+    (patient) axis split over the devices, scalars replicated (:func:`_patient_spec`); the caller
+    (:func:`over_devices`) has padded the patient axis to a multiple of the device count. The mesh
+    may span processes: each process then fills its own devices' shards from its copy of the leaf."""
+    from jax.sharding import NamedSharding
 
-    mesh = Mesh(np.asarray(devices), ("patients",))
-    split = NamedSharding(mesh, PartitionSpec("patients"))
-    whole = NamedSharding(mesh, PartitionSpec())
-    multi_process = len({d.process_index for d in devices}) > 1
+    multi_process = len({d.process_index for d in mesh.devices.flat}) > 1
 
     def put(x):
         if not eqx.is_array(x):
             return x
-        even = x.ndim > 0 and x.shape[0] % len(devices) == 0
-        sharding = split if even else whole
+        sharding = NamedSharding(mesh, _patient_spec(x))
         if isinstance(x, jax.core.Tracer):
             return jax.lax.with_sharding_constraint(x, sharding)
         if multi_process:
@@ -370,6 +364,13 @@ def shard_patients(tree, devices):
         return jax.device_put(x, sharding)
 
     return jax.tree_util.tree_map(put, tree)
+
+
+def _patient_spec(x):
+    """How a leaf lies on the ``patients`` mesh: split along its leading axis, or (a scalar) whole."""
+    from jax.sharding import PartitionSpec
+
+    return PartitionSpec("patients") if x.ndim > 0 else PartitionSpec()
 
 
 @eqx.filter_jit
