@@ -28,6 +28,7 @@ def main(args, argv: list[str] | None = None):
     ``--local-processes`` starts again in each process (each holds the whole cohort's trajectories;
     process 0 reports its own memory)."""
     import jax
+    from tqdm import tqdm
 
     from qspjax import distributed
 
@@ -49,7 +50,8 @@ def main(args, argv: list[str] | None = None):
     stored: dict = {}
     failed = 0
     with C.Timer() as run:
-        for idx, real in C.chunks(args.n, chunk):
+        for idx, real in tqdm(C.chunks(args.n, chunk), total=-(-args.n // chunk), desc="grow + treat",
+                              unit="chunk", disable=not distributed.is_writer()):
             cohort = make_cohort(params, args.n, args.seed, drugs=("nivolumab",), n_lesions=2, config=config,
                                  subset=idx)
             traj = C.block(simulate_batch(cohort.model, cohort.y0, schedule, config))
