@@ -310,6 +310,40 @@ def over_devices(fn, batch: tuple, static: tuple = (), devices=None):
     return out
 
 
+def over_processes(fn, batch: tuple):
+    """``fn(*batch)`` with the leading (patient) axis of ``batch``'s arrays split between the
+    processes of a ``jax.distributed`` run, each process computing its own slice on its default
+    device, and every process getting the whole result back (an all-gather). With one process, or
+    inside a traced function, just the call.
+
+    For batched work that cannot run under ``shard_map`` (the pre-treatment growth, whose
+    root-found stop event does not trace there) but that every process would otherwise repeat in
+    full. Every array leaf of ``fn``'s result must carry the patient axis first. A batch that does
+    not divide by the process count is padded with copies of its last patient, dropped again.
+    """
+    leaves = jax.tree_util.tree_leaves(batch)
+    k = jax.process_count()
+    if k == 1 or any(isinstance(x, jax.core.Tracer) for x in leaves):
+        return fn(*batch)
+    from jax.experimental import multihost_utils
+
+    n = _batch_size(batch)
+    per = -(-n // k)
+    pad = per * k - n
+
+    def local(x):
+        if not _batched(x):
+            return x
+        if pad:
+            x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)])
+        start = jax.process_index() * per
+        return x[start:start + per]
+
+    out = fn(*jax.tree_util.tree_map(local, batch))
+    out = multihost_utils.process_allgather(out, tiled=True)
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x)[:n], out)
+
+
 def _batched(x) -> bool:
     return eqx.is_array(x) and x.ndim > 0
 

@@ -326,8 +326,15 @@ def make_cohort(
 
 
 def grow_cohort(models: QSPModel, params: ParameterSet, diameter_cm, second_ratio, config: SolverConfig):
-    """Pre-treatment growth of every patient of a batched model to its baseline diameter."""
-    return _grow_jit(models, params.initial_state, diameter_cm, second_ratio, config)
+    """Pre-treatment growth of every patient of a batched model to its baseline diameter.
+
+    In a ``jax.distributed`` run each process grows its share of the patients and all get the
+    whole cohort back (:func:`qspjax.simulate.over_processes`), instead of each growing all.
+    """
+    from qspjax.simulate import over_processes
+
+    species = params.initial_state
+    return over_processes(lambda m, d, r: _grow_jit(m, species, d, r, config), (models, diameter_cm, second_ratio))
 
 
 @eqx.filter_jit
