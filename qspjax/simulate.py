@@ -295,9 +295,7 @@ def over_devices(fn, batch: tuple, static: tuple = (), devices=None):
 
     n = _batch_size(batch)
     pad = (-n) % len(devices)
-    if pad:
-        batch = jax.tree_util.tree_map(
-            lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if _batched(x) else x, batch)
+    batch = _pad_batch(batch, pad)
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(batch))
     mesh = Mesh(np.asarray(devices), ("patients",))
     out = fn(*shard_patients(batch, mesh), *static, mesh)
@@ -331,17 +329,19 @@ def over_processes(fn, batch: tuple):
     per = -(-n // k)
     pad = per * k - n
 
-    def local(x):
-        if not _batched(x):
-            return x
-        if pad:
-            x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)])
-        start = jax.process_index() * per
-        return x[start:start + per]
-
-    out = fn(*jax.tree_util.tree_map(local, batch))
+    start = jax.process_index() * per
+    mine = jax.tree_util.tree_map(lambda x: x[start:start + per] if _batched(x) else x, _pad_batch(batch, pad))
+    out = fn(*mine)
     out = multihost_utils.process_allgather(out, tiled=True)
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x)[:n], out)
+
+
+def _pad_batch(batch, pad: int):
+    """``batch`` with ``pad`` copies of its last patient appended to every batched leaf."""
+    if not pad:
+        return batch
+    return jax.tree_util.tree_map(
+        lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if _batched(x) else x, batch)
 
 
 def _batched(x) -> bool:

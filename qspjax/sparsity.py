@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Literal
 
-__all__ = ["jacobian_sparsity", "column_colouring", "coloured_jacobian"]
+__all__ = ["coloured_jacobian", "column_colouring", "jacobian_sparsity"]
 
 # Primitives whose derivative is zero (or whose output is discrete): no dependency flows through.
 _NO_DERIVATIVE = frozenset({
