@@ -128,11 +128,10 @@ def _propagate(jaxpr, const_deps, in_deps, n: int) -> list[np.ndarray]:
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
         outs = _rule(eqn, ins, n)
+        if any(d.shape != tuple(v.aval.shape) + (n,) for d, v in zip(outs, eqn.outvars)):
+            outs = _everything(ins, eqn, n)  # a rule that does not fit: fall back to the safe answer
         for var, dep in zip(eqn.outvars, outs):
-            aval = var.aval
-            if not _differentiable(aval):
-                dep = _zeros(aval.shape, n)
-            env[var] = np.broadcast_to(dep, tuple(aval.shape) + (n,))
+            env[var] = dep if _differentiable(var.aval) else _zeros(var.aval.shape, n)
     return [read(v) for v in jaxpr.outvars]
 
 
