@@ -48,7 +48,7 @@ def main(args, argv: list[str] | None = None):
     schedule = compile_schedule(C.benchmark_regimen(args.days), ("nivolumab",), output_days, n_lesions=2)
     chunk = min(args.chunk, args.n)
     stored: dict = {}
-    failed = 0
+    growth_failed = treatment_failed = 0  # growth: baseline diameter not reached (or its solve failed)
     with C.Timer() as run:
         for idx, real in tqdm(C.chunks(args.n, chunk), total=-(-args.n // chunk), desc="grow + treat",
                               unit="chunk", disable=not distributed.is_writer()):
@@ -61,7 +61,8 @@ def main(args, argv: list[str] | None = None):
                 if k not in stored:
                     stored[k] = np.empty((args.n,) + v.shape[1:], dtype=v.dtype)
                 stored[k][start:start + real] = v
-            failed += int(np.sum((np.asarray(traj.status)[:real] != 0) | (np.asarray(cohort.status)[:real] != 0)))
+            growth_failed += int(np.sum(np.asarray(cohort.status)[:real] != 0))
+            treatment_failed += int(np.sum(np.asarray(traj.status)[:real] != 0))
             del traj, cohort
     if not distributed.is_writer():
         return None
@@ -75,12 +76,14 @@ def main(args, argv: list[str] | None = None):
            "states_per_patient": int(sum(np.prod(v.shape[2:], dtype=int) for v in stored.values())),
            "trajectory_bytes": trajectory_bytes, "peak_rss_mib_before": rss_start,
            "peak_rss_mib": C.peak_rss_mib(), "xla_memory_stats": stats, "seconds": run.seconds,
-           "n_failed": failed, "processes": jax.process_count()}
+           "n_growth_failed": growth_failed, "n_treatment_failed": treatment_failed,
+           "processes": jax.process_count()}
     C.print_table([(args.n, chunk, f"{args.days:g}", f"{trajectory_bytes / 2**20:.1f}", f"{rss_start:.0f}",
                     f"{out['peak_rss_mib']:.0f}", f"{run.seconds:.1f}",
-                    "n/a" if not stats else f"{stats.get('peak_bytes_in_use', 0) / 2**20:.0f}")],
+                    "n/a" if not stats else f"{stats.get('peak_bytes_in_use', 0) / 2**20:.0f}",
+                    growth_failed, treatment_failed)],
                   ("patients", "chunk", "days", "trajectory MiB", "RSS before MiB", "peak RSS MiB", "seconds",
-                   "XLA peak MiB"))
+                   "XLA peak MiB", "growth failed", "treatment failed"))
     if args.json:
         C.write_json(args.json, out)
     return out

@@ -214,7 +214,7 @@ def main(args, argv: list[str] | None = None):
     if status is not None:  # --local-processes: the run happened in the processes it started
         return status
 
-    config = SolverConfig(rtol=args.rtol, atol=args.atol)
+    config = SolverConfig(rtol=args.rtol, atol=args.atol, sparse_jacobian=not args.dense_jacobian)
     with C.Timer() as grow:
         _, cohort = C.cohort(args.n, args.seed, config)
     schedule = compile_schedule(C.benchmark_regimen(args.days), ("nivolumab",), np.arange(0.0, args.days + 1.0),
@@ -228,7 +228,7 @@ def main(args, argv: list[str] | None = None):
     ref_n = min(args.reference_n, args.n)
     patients = list(range(ref_n))
     result = {"machine": C.machine(), "n": args.n, "days": args.days, "rtol": args.rtol, "atol": args.atol,
-              "reference_n": ref_n, "cohort_growth_seconds": grow.seconds,
+              "reference_n": ref_n, "cohort_growth_seconds": grow.seconds, "sparse_jacobian": config.sparse_jacobian,
               "qspjax": {k: v for k, v in ours.items() if k != "final_diameter_cm"}}
     rows = [("qspjax (vmap, chunk %d, %d process%s)" % (ours["chunk"], ours["processes"],
                                                      "es" if ours["processes"] > 1 else ""), args.n, f"{ours['seconds']:.2f}",
@@ -308,6 +308,8 @@ def build_parser():
     p.add_argument("--rtol", type=float, default=1e-6)
     p.add_argument("--atol", type=float, default=1e-9)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dense-jacobian", action="store_true",
+                   help="qspjax's Rodas4 forms its Jacobian from one JVP per state, not per colour (for comparison)")
     p.add_argument("--skip-scipy", action="store_true")
     p.add_argument("--skip-roadrunner", action="store_true")
     p.add_argument("--profile", action="store_true", help="also time RHS, Jacobian and LU calls")

@@ -32,6 +32,7 @@ def test_memory_script_reports_peak_rss_and_trajectory_size(tmp_path):
     # 2 patients x 11 daily points x 53 states x 8 bytes
     assert res["trajectory_bytes"] == 2 * 11 * 53 * 8
     assert res["peak_rss_mib"] >= res["peak_rss_mib_before"] > 0
+    assert res["n_growth_failed"] == res["n_treatment_failed"] == 0
 
 
 def test_throughput_script_runs_all_three_solvers_and_they_agree(tmp_path):
