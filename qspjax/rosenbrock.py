@@ -150,10 +150,13 @@ class Rodas4(dfx.AbstractAdaptiveSolver):
         def f(t, z):
             return ravel_pytree(terms.vf(t, unravel(z), args))[0]
 
-        f0, jvp = jax.linearize(lambda z: f(t0, z), z0)
+        def f_at_t0(z):
+            return f(t0, z)
+
+        f0, jvp = jax.linearize(f_at_t0, z0)
         n = z0.shape[0]
         if self.sparse_jacobian:
-            jac = coloured_jacobian(jvp, jacobian_sparsity(lambda z: f(t0, z), z0), dtype)
+            jac = coloured_jacobian(jvp, jacobian_sparsity(f_at_t0, z0), dtype)
         else:
             jac = jax.vmap(jvp, out_axes=1)(jnp.eye(n, dtype=dtype))
         if self.autonomous:

@@ -2,8 +2,8 @@
 its columns so that the Jacobian costs one JVP per colour instead of one per state.
 
 Why: Rodas4 (:mod:`qspjax.rosenbrock`) forms a fresh Jacobian at every step, and for the 53-state
-model that was 53 JVPs, a third of a step (``benchmarks/RESULTS.md``). The model's Jacobian has 286
-structural non-zeros of 2,809 and at most 16 per row, so 16 JVPs recover it exactly: columns that
+model that was 53 JVPs, a third of a step (``benchmarks/RESULTS.md``). The two-lesion model's
+Jacobian has 290 structural non-zeros of 2,809 and at most 16 per row, so 16 JVPs recover it exactly: columns that
 never share a row are probed together (Curtis, Powell & Reid, 1974) and each entry is read back
 from the probe of its column's colour.
 
@@ -152,14 +152,15 @@ def _everything(ins, eqn, n: int) -> list[np.ndarray]:
 
 
 def _inner(eqn):
-    """The sub-jaxpr of a call-like equation whose inputs are the equation's inputs, if any."""
+    """The sub-jaxpr (closed or not) of a call-like equation whose inputs are the equation's
+    inputs, if any."""
     for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
         sub = eqn.params.get(key)
         if sub is None:
             continue
-        jaxpr, consts = (sub.jaxpr, sub.consts) if hasattr(sub, "consts") else (sub, ())
+        jaxpr, _ = _closed(sub)
         if hasattr(jaxpr, "eqns") and len(jaxpr.invars) == len(eqn.invars):
-            return jaxpr, consts
+            return sub
     return None
 
 
@@ -250,6 +251,5 @@ def _rule(eqn, ins, n: int) -> list[np.ndarray]:
         return outs
     inner = _inner(eqn)
     if inner is not None:  # jit, custom_jvp_call, custom_vjp_call, checkpoint, ...
-        jaxpr, consts = inner
-        return _propagate(jaxpr, [_zeros(np.shape(c), n) for c in consts], ins, n)
+        return _run(inner, ins, n)
     return _everything(ins, eqn, n)
