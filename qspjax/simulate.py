@@ -60,12 +60,16 @@ class SolverConfig:
     within 4e-5 and 1.3e-4 of a 1e-8 solve). ``sparse_jacobian`` (Rodas4 only) forms each step's
     Jacobian from one JVP per colour of its structural sparsity pattern (16 for the two-lesion
     model, against 53 states; :mod:`qspjax.sparsity`) rather than one per state: the same matrix.
+    ``max_steps`` bounds one diffrax solve; a segment between two events may take up to
+    ``max_restarts`` further solves of that budget (each continuing where the last stopped), so
+    the total budget grows with the horizon instead of failing long follow-ups.
     """
 
     solver: str = "rodas4"
     rtol: float = 1e-6
     atol: float = 1e-9
     max_steps: int = 4096
+    max_restarts: int = 4
     pretreatment_max_days: float = 3650.0
     newton_tol_factor: float = 100.0
     first_step_days: float = 1e-3
@@ -150,7 +154,10 @@ def _integrate_segment(model: QSPModel, system: _FlatSystem, z0, t0, t1, dt0, gr
     A lesion whose cancer cells fall below the extinction threshold is set to zero (QSP-IO's
     event) at the end of the solver step in which it crossed: the solve stops there, the lesion
     is cleared, and the solve goes on. Each lesion can go extinct once, so ``n_lesions + 1`` solves
-    cover a segment (the spare ones have t0 = t1 and cost nothing).
+    cover a segment; a solve that spends its ``max_steps`` budget before ``t1`` is continued from
+    where it stopped by up to ``config.max_restarts`` further solves, so a long treatment-free
+    segment (PACIFIC's 1,848 days) is not cut short by a per-solve budget. Spare solves have
+    t0 = t1 and cost nothing. A segment fails (``STATUS_MAX_STEPS``) only when every solve is spent.
     Returns (z(t1), saved, status, steps, accepted steps).
     """
     threshold = model.patient["extinction_threshold_cells"]
@@ -169,12 +176,14 @@ def _integrate_segment(model: QSPModel, system: _FlatSystem, z0, t0, t1, dt0, gr
     event = dfx.Event(fell_below)
 
     def piece(_, carry):
-        z, t_start, saved, status, steps, accepted = carry
+        z, t_start, saved, status, steps, accepted, dt = carry
         alive = cancer_cells(z) > threshold
+        # A failed segment is not integrated further: a zero-length solve.
+        t_stop = jnp.where(status == STATUS_OK, t1, t_start)
         sol = dfx.diffeqsolve(
-            system.term, config.make_solver(), t_start, t1, dt0, z, args=alive,
+            system.term, config.make_solver(), t_start, t_stop, dt, z, args=alive,
             stepsize_controller=config.controller(), max_steps=config.max_steps, event=event,
-            saveat=dfx.SaveAt(subs=(dfx.SubSaveAt(ts=jnp.clip(grid, t_start, t1)), dfx.SubSaveAt(t1=True))),
+            saveat=dfx.SaveAt(subs=(dfx.SubSaveAt(ts=jnp.clip(grid, t_start, t_stop)), dfx.SubSaveAt(t1=True))),
             throw=False,
         )
         # Grid rows past an event time are not reached (inf) and are masked out.
@@ -184,14 +193,20 @@ def _integrate_segment(model: QSPModel, system: _FlatSystem, z0, t0, t1, dt0, gr
         saved = jnp.where(inside[:, None], z_grid, saved)
         y_end = model.apply_extinction(system.unravel(z_end * system.scale))
         z_end = ravel_pytree(y_end)[0] / system.scale
-        piece_status = _status_of(sol.result)
+        # Running out of steps is not a failure while solves remain: the next one continues.
+        out_of_steps = sol.result == dfx.RESULTS.max_steps_reached
+        piece_status = jnp.where(out_of_steps, STATUS_OK, _status_of(sol.result))
         status = jnp.where(status == STATUS_OK, piece_status, status)
-        return (z_end, t_end, saved, status, steps + sol.stats["num_steps"],
-                accepted + sol.stats["num_accepted_steps"])
+        n_accepted = sol.stats["num_accepted_steps"]
+        # The continuation starts with this solve's mean accepted step, not a fresh search.
+        dt = jnp.where(n_accepted > 0, jnp.clip((t_end - t_start) / jnp.maximum(n_accepted, 1), 1e-6, None), dt)
+        return (z_end, t_end, saved, status, steps + sol.stats["num_steps"], accepted + n_accepted,
+                lax.stop_gradient(dt))
 
-    init = (z0, t0, saved, jnp.asarray(STATUS_OK), jnp.asarray(0), jnp.asarray(0))
-    z1, t_reached, saved, status, steps, accepted = lax.fori_loop(0, model.n_lesions + 1, piece, init)
-    status = jnp.where((status == STATUS_OK) & (t_reached < t1), STATUS_SOLVER_FAILED, status)
+    init = (z0, t0, saved, jnp.asarray(STATUS_OK), jnp.asarray(0), jnp.asarray(0), dt0)
+    n_solves = model.n_lesions + 1 + config.max_restarts
+    z1, t_reached, saved, status, steps, accepted, _ = lax.fori_loop(0, n_solves, piece, init)
+    status = jnp.where((status == STATUS_OK) & (t_reached < t1), STATUS_MAX_STEPS, status)
     return z1, saved, status, steps, accepted
 
 
