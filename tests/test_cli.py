@@ -15,7 +15,7 @@ from conftest import REFERENCE, REPO
 def test_simulate_reference_patient_writes_trajectory_with_simbiology_columns(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["simulate", "--regimen", str(REPO / "configs/regimens/qspio_example1_nivolumab.yaml"),
-               "--patients", "1", "--no-variability", "--days", "3", "--out", str(out)])
+               "--patients", "1", "--no-variability", "--uncalibrated", "--days", "3", "--out", str(out)])
     assert rc == 0
     header = next(csv.reader(open(out / "trajectory.csv")))
     ref_header = next(csv.reader(open(REFERENCE / "example1_treated_simbiology.csv")))
@@ -29,10 +29,13 @@ def test_simulate_reference_patient_writes_trajectory_with_simbiology_columns(tm
     assert summary["n_failed"] == 0 and summary["patients"][0]["status"] == "ok"
     run = json.loads((out / "run.json").read_text())
     assert run["seed"] == 0 and "jax" in run["versions"] and "git_revision" in run
+    assert run["config"]["calibration"] == {
+        "calibrated": False, "source": "not calibrated",
+        "parameter_files": ["configs/params/qspio_example1.yaml"], "population_file": "configs/params/population.yaml"}
     assert (out / "trajectories.nc").stat().st_size > 0
     # a second run into the same folder is refused without --overwrite
     rc = main(["simulate", "--regimen", str(REPO / "configs/regimens/qspio_example1_nivolumab.yaml"),
-               "--patients", "1", "--no-variability", "--days", "3", "--out", str(out)])
+               "--patients", "1", "--no-variability", "--uncalibrated", "--days", "3", "--out", str(out)])
     assert rc == 2 and "--overwrite" in capsys.readouterr().err
 
 

@@ -34,8 +34,8 @@ ASSESSMENTS = [1.0, 3.0]
 
 
 def cli_run(out, *extra: str) -> list[str]:
-    return ["simulate", "--regimen", str(REGIMEN), "--patients", "1", "--no-variability", "--days", "3",
-            "--seed", "7", "--out", str(out), *extra]
+    return ["simulate", "--regimen", str(REGIMEN), "--patients", "1", "--no-variability", "--uncalibrated",
+            "--days", "3", "--seed", "7", "--out", str(out), *extra]
 
 
 def diameters_mm(observables) -> np.ndarray:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qspjax.commands import _model_options as model_options
 from qspjax.errors import QSPValidationError
 
 # Bounds that catch a mistyped flag before it becomes an out-of-memory grid: a century of
@@ -20,11 +21,7 @@ def register(sub) -> None:
     p = sub.add_parser("simulate", help="simulate virtual patients under a regimen",
                        description="Simulate a cohort under a regimen; write trajectories (netCDF) and summary.json.")
     p.add_argument("--regimen", required=True, help="regimen YAML file (configs/regimens/README.md)")
-    p.add_argument("--params", default=None, help="main parameter file (default configs/params/qspio_example1.yaml)")
-    p.add_argument("--params-extra", action="append", default=[], metavar="FILE",
-                   help="parameter file applied over the main one, e.g. a calibration's fitted medians "
-                        "(configs/params/calibrated/); repeatable, later files win")
-    p.add_argument("--population", default=None, help="population file (default configs/params/population.yaml)")
+    model_options.add_arguments(p)
     p.add_argument("--patients", type=int, default=10, help="number of virtual patients (default 10)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the cohort (default 0)")
     p.add_argument("--days", type=float, default=400.0, help="simulated days after the start of treatment")
@@ -82,20 +79,23 @@ def run(args: argparse.Namespace) -> int:
     from qspjax.runner import run_cohort, write_outputs
     from qspjax.vpop import load_population
 
-    params = load_parameters(args.params, args.params_extra)
+    choice = model_options.resolve(args)
+    params = load_parameters(choice.main, choice.extra)
     regimen = load_regimen(args.regimen)
-    load_population(args.population)  # validated here so that a bad file leaves no output folder behind
+    load_population(choice.population)  # validated here so that a bad file leaves no output folder behind
     _check_regimen_fits_model(regimen, 1 if args.no_variability and params.initial_state else 2, args.regimen)
     out = prepare_out_dir(args.out, args.overwrite)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+    config["calibration"] = choice.record()
     prov = provenance(config=config, seed=args.seed)  # the revision that runs, read before the run
     result = run_cohort(
         params, regimen, n_patients=args.patients, seed=args.seed, days=args.days,
         output_every=args.output_every, variability=not args.no_variability,
         exported_initial_state=args.no_variability and bool(params.initial_state),
-        population_file=args.population, chunk=args.chunk, rtol=args.rtol, progress=True,
+        population_file=str(choice.population), chunk=args.chunk, rtol=args.rtol, progress=True,
     )
     write_outputs(result, out, prov)
     n_bad = int(np.sum(result.status != 0))
-    print(f"{args.patients - n_bad}/{args.patients} patients solved; outputs in {out}")
+    model = "calibrated" if choice.calibrated else "uncalibrated"
+    print(f"{args.patients - n_bad}/{args.patients} patients solved ({model} model); outputs in {out}")
     return 0

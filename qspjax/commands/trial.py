@@ -6,15 +6,12 @@ import argparse
 import math
 from pathlib import Path
 
+from qspjax.commands import _model_options as model_options
 from qspjax.errors import QSPValidationError
 
 
 def _common(p: argparse.ArgumentParser, default_rtol: float = 1e-5) -> None:
-    p.add_argument("--params", default=None, help="main parameter file (default configs/params/qspio_example1.yaml)")
-    p.add_argument("--params-extra", action="append", default=[], metavar="FILE",
-                   help="parameter file applied over the main one, e.g. a calibration's fitted medians "
-                        "(configs/params/calibrated/); repeatable, later files win")
-    p.add_argument("--population", default=None, help="population file (default configs/params/population.yaml)")
+    model_options.add_arguments(p)
     p.add_argument("--patients", type=int, default=100, help="virtual patients per arm (default 100)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the virtual population (default 0)")
     p.add_argument("--output-every", type=float, default=1.0, help="days between saved time points (default 1)")
@@ -75,8 +72,10 @@ def _check(args) -> None:
         raise QSPValidationError("command line", "--death-rate-per-day", rate, "must be a non-negative rate")
 
 
-def _config(args) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+def _config(args, choice: model_options.ModelChoice) -> dict:
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+    config["calibration"] = choice.record()
+    return config
 
 
 def run_trial(args: argparse.Namespace) -> int:
@@ -92,7 +91,7 @@ def run_trial(args: argparse.Namespace) -> int:
     from qspjax.regimen import load_regimen, parse_regimen
     from qspjax.runner import run_cohort
     from qspjax.virtual_trial import Assessment, evaluate, published_endpoints, write_trial
-    from qspjax.vpop import target_from_arm
+    from qspjax.vpop import load_population, target_from_arm
 
     published = target = None
     if args.arm:
@@ -109,18 +108,22 @@ def run_trial(args: argparse.Namespace) -> int:
     if args.output_every > days:
         raise QSPValidationError("command line", "--output-every", args.output_every, f"must be at most --days ({days:g})")
     assessment = Assessment(args.assessment_interval, args.target, death_rate_per_day=args.death_rate_per_day)
-    params = load_parameters(args.params, args.params_extra)
+    choice = model_options.resolve(args)
+    params = load_parameters(choice.main, choice.extra)
+    load_population(choice.population)  # validated before the output folder is made
     writer = is_writer()  # process 0 of a multi-process run writes; the others only solve their share
     out = prepare_out_dir(args.out, args.overwrite) if writer else None
-    prov = provenance(config=_config(args), seed=args.seed)  # the revision that runs, read before the run
+    prov = provenance(config=_config(args, choice), seed=args.seed)  # the revision that runs, read before the run
     result = run_cohort(params, regimen, n_patients=args.patients, seed=args.seed, days=days,
-                        output_every=args.output_every, population_file=args.population, chunk=args.chunk,
+                        output_every=args.output_every, population_file=str(choice.population), chunk=args.chunk,
                         rtol=args.rtol, progress=writer, target=target)
     if not writer:
         return 0
     outcome = evaluate(result, assessment, seed=args.seed)
     summary = write_trial(out, result, outcome, prov, published)
-    line = f"ORR {100 * summary['orr']:.1f} % (95 % CI {100 * summary['orr_ci'][0]:.1f}–{100 * summary['orr_ci'][1]:.1f})"
+    model = "calibrated" if choice.calibrated else "uncalibrated"
+    line = (f"{model} model: ORR {100 * summary['orr']:.1f} % "
+            f"(95 % CI {100 * summary['orr_ci'][0]:.1f}–{100 * summary['orr_ci'][1]:.1f})")
     if published and published.get("orr") is not None:
         line += f"; published {100 * published['orr']:.1f} %"
     print(f"{regimen.name}: {summary['n_evaluated']}/{args.patients} patients evaluated; {line}; outputs in {out}")
@@ -146,11 +149,12 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.output_every > experiment.days:
         raise QSPValidationError("command line", "--output-every", args.output_every,
                                  f"must be at most the experiment's days ({experiment.days:g})")
-    spec = load_population(args.population)
-    params = load_parameters(args.params, args.params_extra)
+    choice = model_options.resolve(args)
+    spec = load_population(choice.population)
+    params = load_parameters(choice.main, choice.extra)
     writer = is_writer()  # process 0 of a multi-process run writes; the others only solve their share
     out = prepare_out_dir(args.out, args.overwrite) if writer else None
-    prov = provenance(config=_config(args), seed=args.seed)  # the revision that runs, read before the run
+    prov = provenance(config=_config(args, choice), seed=args.seed)  # the revision that runs, read before the run
     drugs = tuple(dict.fromkeys(d for p in experiment.protocols for d in p.regimen.drugs)) or ("nivolumab",)
     config = SolverConfig(rtol=args.rtol, atol=args.rtol * 1e-3)
     population = build_population(params, args.patients, args.seed, drugs, spec=spec, config=config,
