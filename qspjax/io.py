@@ -28,11 +28,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        if tmp_path.exists():  # mkstemp makes it owner-only: give it the mode a plain open() would
+            os.chmod(tmp_path, _new_file_mode(path))
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
     return path
+
+
+def _new_file_mode(path: Path) -> int:
+    """The existing file's permissions, else 0o666 less the process umask (what open() gives)."""
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
