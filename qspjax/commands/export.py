@@ -30,6 +30,18 @@ def register(sub) -> None:
                         "(nivolumab 210 mg every 14 days). Needs the interop extra (libsedml, libcombine)")
     p.set_defaults(func=run)
 
+    q = sub.add_parser("export-petab", help="write the QSP-IO reference problem as a PEtab problem",
+                       description="Write the single-patient QSP-IO reference problem as PEtab v1 (problem.yaml, "
+                                   "SBML, conditions, observables, measurements from the SimBiology reference "
+                                   "solution, estimated parameters with bounds, scales and priors) and lint it. "
+                                   "Needs the interop extra (petab).")
+    q.add_argument("--out", required=True, help="folder to write (DIR/problem.yaml at its root)")
+    q.add_argument("--params", default=None, help="main parameter file (default configs/params/qspio_example1.yaml)")
+    q.add_argument("--reference", default=None,
+                   help="SimBiology reference solution CSV (default shared/reference/qspio/example1_treated_simbiology.csv)")
+    q.add_argument("--overwrite", action="store_true", help="replace the files of an existing non-empty folder")
+    q.set_defaults(func=run_petab)
+
 
 def run(args: argparse.Namespace) -> int:
     from qspjax import sbml
@@ -87,4 +99,27 @@ def run(args: argparse.Namespace) -> int:
         omex.write_omex(args.omex, text, sedml)
         print(f"wrote {args.omex}: {omex.MODEL_LOCATION} + {omex.SEDML_LOCATION} (days 0-{args.days:g}, "
               f"{steps} steps, {sum(len(v) for v in ids.values())} observables) + manifest")
+    return 0
+
+
+def run_petab(args: argparse.Namespace) -> int:
+    from qspjax import petab_problem
+    from qspjax.io import prepare_out_dir
+    from qspjax.params import load_parameters
+
+    try:
+        petab_problem._petab()
+    except petab_problem.PetabError as exc:
+        raise QSPValidationError("command line", "export-petab", "petab", str(exc)) from None
+    reference = Path(args.reference) if args.reference else petab_problem.default_reference_csv()
+    if not reference.is_file():
+        raise QSPValidationError("command line", "--reference", str(reference), "no such file")
+    params = load_parameters(args.params)
+    out = prepare_out_dir(args.out, args.overwrite)
+    try:
+        files = petab_problem.write_petab(out, params, reference)
+    except petab_problem.PetabError as exc:
+        raise QSPValidationError(str(out), "PEtab problem", "problem.yaml", str(exc)) from None
+    print(f"wrote {files['problem']}: PEtab v1 problem ({', '.join(p.name for k, p in files.items() if k != 'problem')}), "
+          f"linted without errors")
     return 0
