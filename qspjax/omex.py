@@ -32,7 +32,6 @@ from typing import Mapping
 
 import numpy as np
 
-from qspjax.errors import QSPValidationError
 
 SBML_FORMAT = "http://identifiers.org/combine.specifications/sbml.level-3.version-2"
 SEDML_FORMAT = "http://identifiers.org/combine.specifications/sed-ml.level-1.version-4"
