@@ -461,6 +461,18 @@ def median_survival(km: KaplanMeier) -> tuple[float, tuple[float, float]]:
     )
 
 
+# Why a summary value written by :func:`qspjax.io.atomic_write_json` is null: medians of
+# :func:`median_survival` are inf when the curve (or a band limit) never falls to 0.5.
+NULL_REASONS = {
+    "median_pfs_days": "not reached: the PFS Kaplan-Meier curve stays above 0.5 to the last assessment",
+    "median_pfs_months": "not reached: the PFS Kaplan-Meier curve stays above 0.5 to the last assessment",
+    "median_pfs_ci_days": "not reached: a confidence limit of the PFS Kaplan-Meier curve stays above 0.5 "
+                          "to the last assessment",
+    "median_dor_days": "not reached: the duration-of-response Kaplan-Meier curve of the responders stays "
+                       "above 0.5 to the last assessment",
+}
+
+
 def survival_at(km: KaplanMeier, days: Float[ArrayLike, "e"]) -> Float[np.ndarray, "e"]:
     """The step curve evaluated at ``days`` (landmark survival, e.g. 12-month PFS)."""
     i = np.searchsorted(km.time, np.asarray(days, dtype=float), side="right") - 1

@@ -97,9 +97,50 @@ def spider(
     return _save(figure, path)
 
 
+def number_at_risk(
+    times: Float[ArrayLike, "n"],
+    events: ArrayLike,
+    at: Float[ArrayLike, "k"],
+) -> Int[np.ndarray, "k"]:
+    """Patients at risk at each time in ``at``: those whose duration (event or censoring) is
+    ``>= t``, i.e. neither progressed/died nor censored before ``t`` (the risk set of the
+    Kaplan–Meier estimator; lifelines' ``event_table.at_risk`` at its event times).
+
+    Non-finite durations (NaN for failed patients) are left out, as
+    :func:`qspjax.outcomes.kaplan_meier` does.
+    ``events`` (event observed, 1/0) is checked for shape and values only: censored patients
+    count as at risk up to and including their censoring time, as those with an event do.
+    """
+    t = np.asarray(times, dtype=float).ravel()
+    e = np.asarray(events).ravel()
+    at = np.asarray(at, dtype=float)
+    if e.shape != t.shape:
+        raise ValueError(f"number_at_risk: events has {e.size} entries, times has {t.size}")
+    if e.size and not np.isin(e, (0, 1)).all():
+        raise ValueError(f"number_at_risk: events must be 0/1 or booleans, got {np.unique(e)[:5].tolist()}")
+    if not np.isfinite(at).all():
+        raise ValueError(f"number_at_risk: times to count at must be finite, got {at.tolist()}")
+    if np.any(t < 0):
+        raise ValueError(f"number_at_risk: durations must be >= 0, got {t[t < 0][:5].tolist()}")
+    t = np.sort(t[np.isfinite(t)])
+    return (t.size - np.searchsorted(t, at, side="left")).astype(int)
+
+
+def km_number_at_risk(km: KaplanMeier, at: Float[ArrayLike, "k"]) -> Int[np.ndarray, "k"]:
+    """:func:`number_at_risk` read off a Kaplan–Meier table (whose ``n_at_risk`` column is the
+    risk set at each of its times, 0 and every distinct duration)."""
+    at = np.asarray(at, dtype=float)
+    i = np.searchsorted(km.time, at, side="left")
+    inside = i < len(km.time)
+    return np.where(inside, np.asarray(km.n_at_risk)[np.minimum(i, len(km.time) - 1)], 0).astype(int)
+
+
+_CURVE_COLOURS = (_SIMULATED_COLOUR, "#d73027", "#1a9850", "#984ea3", "#ff7f00", "#a65628")
+
+
 def kaplan_meier_curve(
     path: str | os.PathLike,
-    km: KaplanMeier,
+    km: KaplanMeier | Mapping[str, KaplanMeier],
     *,
     label: str = "simulated",
     observed_median_days: float | None = None,
@@ -107,29 +148,70 @@ def kaplan_meier_curve(
     observed_landmarks: Mapping[float, float] | None = None,
     ylabel: str = "progression-free survival",
     title: str = "Kaplan–Meier",
+    at_risk: bool = True,
 ) -> Path:
-    """Step curve with its confidence band; published values, when given, as "observed" points:
-    the median at S = 0.5 (with its CI as a horizontal bar) and landmark survivals {day: S}."""
-    figure = _new_figure()
-    axes = figure.add_subplot()
-    axes.step(km.time, km.survival, where="post", color=_SIMULATED_COLOUR, label=label)
-    axes.fill_between(km.time, km.ci_lower, km.ci_upper, step="post", color=_SIMULATED_COLOUR, alpha=0.2,
-                      linewidth=0, label=f"{label} 95% CI")
+    """Step curve(s) with confidence band(s); published values, when given, as "observed" points:
+    the median at S = 0.5 (with its CI as a horizontal bar) and landmark survivals {day: S}.
+
+    ``km`` is one table (drawn as ``label``) or {label: table} for several curves. Under the axes,
+    unless ``at_risk`` is False, a table gives each curve's number at risk
+    (:func:`km_number_at_risk`) at every x tick.
+    """
+    curves = {label: km} if isinstance(km, KaplanMeier) else dict(km)
+    if not curves:
+        raise ValueError("kaplan_meier_curve: no Kaplan–Meier table to draw")
+    figure = _new_figure(7.0, 4.5 + (0.3 + 0.22 * len(curves) if at_risk else 0.0))
+    if at_risk:
+        grid = figure.add_gridspec(2, 1, height_ratios=[4.5, 0.35 + 0.25 * len(curves)])
+        axes = figure.add_subplot(grid[0])
+        table = figure.add_subplot(grid[1], sharex=axes)
+    else:
+        axes, table = figure.add_subplot(), None
+    colours = {name: _CURVE_COLOURS[i % len(_CURVE_COLOURS)] for i, name in enumerate(curves)}
+    for name, k in curves.items():
+        axes.step(k.time, k.survival, where="post", color=colours[name], label=name)
+        axes.fill_between(k.time, k.ci_lower, k.ci_upper, step="post", color=colours[name], alpha=0.2,
+                          linewidth=0, label=f"{name} 95% CI")
+    x_max = max(float(np.max(k.time)) for k in curves.values())
     if observed_median_days is not None and np.isfinite(observed_median_days):
         xerr = None
         if observed_median_ci_days is not None and all(np.isfinite(observed_median_ci_days)):
             low, high = observed_median_ci_days
             xerr = [[observed_median_days - low], [high - observed_median_days]]
+            x_max = max(x_max, float(high))
         axes.errorbar([observed_median_days], [0.5], xerr=xerr, fmt="D", color=_OBSERVED_COLOUR,
                       capsize=3, label="observed median")
+        x_max = max(x_max, float(observed_median_days))
     if observed_landmarks:
         days = list(observed_landmarks)
         axes.plot(days, [observed_landmarks[d] for d in days], "s", color=_OBSERVED_COLOUR, fillstyle="none",
                   label="observed landmark")
+        x_max = max(x_max, max(float(d) for d in days))
     axes.axhline(0.5, color="k", linewidth=0.4, linestyle=":")
-    axes.set(xlabel="days", ylabel=ylabel, title=title, ylim=(0.0, 1.02))
+    axes.set(xlabel="days", ylabel=ylabel, title=title, ylim=(0.0, 1.02), xlim=(0.0, 1.03 * x_max if x_max > 0 else 1.0))
     axes.legend(loc="best", fontsize=8)
+    if table is not None:
+        ticks = [float(t) for t in axes.get_xticks() if 0.0 <= t <= axes.get_xlim()[1]]
+        axes.set_xticks(ticks)  # freeze them: the counts below are at these ticks
+        _at_risk_table(table, curves, colours, ticks)
     return _save(figure, path)
+
+
+def _at_risk_table(table, curves: Mapping[str, KaplanMeier], colours: Mapping[str, str], ticks: list[float]) -> None:
+    """Number at risk per curve (rows, first curve on top) at each tick (columns)."""
+    names = list(curves)
+    for row, name in enumerate(names):
+        for tick, n in zip(ticks, km_number_at_risk(curves[name], ticks)):
+            table.text(tick, row, str(int(n)), ha="center", va="center", fontsize=8, color=colours[name])
+    table.set_ylim(len(names) - 0.5, -0.5)
+    table.set_yticks(range(len(names)), names, fontsize=8)
+    for tick_label, name in zip(table.get_yticklabels(), names):
+        tick_label.set_color(colours[name])
+    table.tick_params(axis="both", length=0, labelbottom=False)
+    table.tick_params(axis="y", pad=14)  # clear of the counts centred on the tick at day 0
+    for spine in table.spines.values():
+        spine.set_visible(False)
+    table.set_title("Number at risk", fontsize=8, loc="left")
 
 
 def response_rate_comparison(

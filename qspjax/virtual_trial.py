@@ -185,7 +185,7 @@ def write_trial(out: Path, result: CohortResult, outcome: TrialOutcome, prov: di
         observed_median_ci_days=(published or {}).get("median_pfs_ci_days"),
         observed_landmarks=(published or {}).get("pfs_landmarks") or None,
     )
-    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / "summary.json", summary, null_reasons=oc.NULL_REASONS)
     atomic_write_json(out / "run.json", prov)
     return summary
 
@@ -350,6 +350,6 @@ def write_comparison(out: Path, experiment: Experiment, results: list[CohortResu
                "n_patients": int(len(results[0].status)), "screening": results[0].meta.get("screening", {}),
                "protocols": [dict(r, summary={k: v for k, v in o.summary.items() if k != "km"})
                              for r, o in zip(rows, outcomes)]}
-    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / "summary.json", summary, null_reasons=oc.NULL_REASONS)
     atomic_write_json(out / "run.json", prov)
     return rows

@@ -101,3 +101,15 @@ def test_prepare_out_dir_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
     assert exc.value.field == "--out" and "--overwrite" in exc.value.allowed
     assert prepare_out_dir(tmp_path, overwrite=True) == tmp_path
     assert prepare_out_dir(tmp_path / "new", overwrite=False).is_dir()  # a new or empty folder is fine
+
+
+def test_atomic_files_get_the_permissions_of_a_plain_open_not_mkstemps_owner_only(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_json(tmp_path / "summary.json", {"a": 1})
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.chmod(path, 0o600)  # an existing file keeps its own mode
+        atomic_write_json(path, {"a": 2})
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
