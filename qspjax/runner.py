@@ -238,14 +238,16 @@ def run_cohort(
     max_failed_fraction: float = 0.5,
     progress: bool = False,
     target: BaselineTarget | None = None,
+    spec: PopulationSpec | None = None,
 ) -> CohortResult:
     """Sample, grow, screen and treat ``n_patients`` virtual patients under one regimen; failures
-    are flagged, never fatal unless more than ``max_failed_fraction`` of the cohort fails."""
+    are flagged, never fatal unless more than ``max_failed_fraction`` of the cohort fails.
+    ``spec`` (a population already in memory, e.g. a posterior draw's) overrides ``population_file``."""
     drugs = regimen.drugs or ("nivolumab",)
     config = SolverConfig(rtol=rtol, atol=rtol * 1e-3)
     population = build_population(
         params, n_patients, seed, drugs, variability=variability, exported_initial_state=exported_initial_state,
-        spec=load_population(population_file), target=target, config=config, chunk=chunk, progress=progress)
+        spec=spec if spec is not None else load_population(population_file), target=target, config=config, chunk=chunk, progress=progress)
     return treat_population(population, [regimen], days=days, output_every=output_every, config=config,
                             chunk=chunk, max_failed_fraction=max_failed_fraction, progress=progress)[0]
 

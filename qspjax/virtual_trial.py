@@ -163,11 +163,13 @@ def _csv_text(rows: list[dict[str, Any]]) -> str:
 
 
 def write_trial(out: Path, result: CohortResult, outcome: TrialOutcome, prov: dict,
-                published: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``patients.csv``, ``summary.json`` (with the published values beside when given),
-    ``trajectories.nc``, ``run.json`` and the PNGs waterfall, spider and Kaplan–Meier PFS."""
+                published: Mapping[str, Any] | None = None,
+                extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``patients.csv``, ``summary.json`` (with the published values beside when given, and the
+    entries of ``extra``, e.g. ``posterior_predictive``), ``trajectories.nc``, ``run.json`` and the
+    PNGs waterfall, spider and Kaplan–Meier PFS."""
     out = Path(out)
-    summary = dict(outcome.summary, regimen=result.regimen.name)
+    summary = dict(outcome.summary, regimen=result.regimen.name, **(extra or {}))
     if published is not None:
         summary["published"] = published
         summary["comparison"] = compare_with_published(outcome.summary, published)
@@ -325,10 +327,11 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
 
 
 def write_comparison(out: Path, experiment: Experiment, results: list[CohortResult],
-                     outcomes: list[TrialOutcome], prov: dict) -> list[dict[str, Any]]:
-    """``summary.json`` (one entry per protocol), ``comparison.md``/``.csv``, the ORR bar plot
-    beside the reported values, per protocol a patient table, a Kaplan–Meier and a waterfall PNG,
-    and ``run.json``."""
+                     outcomes: list[TrialOutcome], prov: dict,
+                     posterior_predictive: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """``summary.json`` (one entry per protocol, with its ``posterior_predictive`` rates when
+    given), ``comparison.md``/``.csv``, the ORR bar plot beside the reported values, per protocol
+    a patient table, a Kaplan–Meier and a waterfall PNG, and ``run.json``."""
     out = Path(out)
     rows = comparison_rows(experiment, outcomes)
     for protocol, result, outcome in zip(experiment.protocols, results, outcomes):
@@ -350,6 +353,9 @@ def write_comparison(out: Path, experiment: Experiment, results: list[CohortResu
                "n_patients": int(len(results[0].status)), "screening": results[0].meta.get("screening", {}),
                "protocols": [dict(r, summary={k: v for k, v in o.summary.items() if k != "km"})
                              for r, o in zip(rows, outcomes)]}
+    if posterior_predictive is not None:
+        for entry, pp in zip(summary["protocols"], posterior_predictive):
+            entry["posterior_predictive"] = pp
     atomic_write_json(out / "summary.json", summary, null_reasons=oc.NULL_REASONS)
     atomic_write_json(out / "run.json", prov)
     return rows

@@ -42,6 +42,12 @@ def register(sub) -> None:
     p.add_argument("--death-rate-per-day", type=float, default=0.0,
                    help="constant competing death hazard for PFS (default 0)")
     p.add_argument("--no-match", action="store_true", help="do not match the arm's baseline mix")
+    p.add_argument("--posterior", default=None, metavar="DIR",
+                   help="a calibration's posterior (DIR/posterior.nc, ArviZ): also run the cohort under "
+                        "--posterior-draws draws and report each rate with a credible interval that carries "
+                        "parameter uncertainty and the cohort's binomial noise (summary.json: posterior_predictive)")
+    p.add_argument("--posterior-draws", type=int, default=16,
+                   help="posterior draws simulated with --posterior (default 16, evenly spaced over chains)")
     _common(p)
     p.set_defaults(func=run_trial)
 
@@ -50,6 +56,10 @@ def register(sub) -> None:
                                    "population; write a table, a bar plot of ORR beside the reported values and "
                                    "summary.json.")
     c.add_argument("experiment", help="experiment YAML file (configs/experiments/README.md)")
+    c.add_argument("--posterior", default=None, metavar="DIR",
+                   help="a calibration's posterior (DIR/posterior.nc): every protocol's rates also as "
+                        "posterior-predictive credible intervals (summary.json: protocols[].posterior_predictive)")
+    c.add_argument("--posterior-draws", type=int, default=16, help="posterior draws simulated (default 16)")
     _common(c)
     c.set_defaults(func=run_compare)
 
@@ -110,7 +120,8 @@ def run_trial(args: argparse.Namespace) -> int:
     assessment = Assessment(args.assessment_interval, args.target, death_rate_per_day=args.death_rate_per_day)
     choice = model_options.resolve(args)
     params = load_parameters(choice.main, choice.extra)
-    load_population(choice.population)  # validated before the output folder is made
+    spec = load_population(choice.population)  # validated before the output folder is made
+    draws = _posterior_models(args, params, spec)  # a bad posterior is refused before any compute
     writer = is_writer()  # process 0 of a multi-process run writes; the others only solve their share
     out = prepare_out_dir(args.out, args.overwrite) if writer else None
     prov = provenance(config=_config(args, choice), seed=args.seed)  # the revision that runs, read before the run
@@ -120,14 +131,44 @@ def run_trial(args: argparse.Namespace) -> int:
     if not writer:
         return 0
     outcome = evaluate(result, assessment, seed=args.seed)
-    summary = write_trial(out, result, outcome, prov, published)
+    extra = None
+    if draws:
+        from tqdm import tqdm
+
+        from qspjax.inference.predictive import summarise_draws
+
+        per_draw = []
+        for draw_params, draw_spec in tqdm(draws, desc="posterior draws", unit="draw"):
+            r = run_cohort(draw_params, regimen, n_patients=args.patients, seed=args.seed, days=days,
+                           output_every=args.output_every, spec=draw_spec, chunk=args.chunk, rtol=args.rtol,
+                           target=target)
+            per_draw.append(evaluate(r, assessment, seed=args.seed).summary)
+        extra = {"posterior_predictive": dict(summarise_draws(per_draw, seed=args.seed),
+                                              posterior=args.posterior, draws=len(draws),
+                                              method="mixture over draws of Beta(x + 1/2, n - x + 1/2), "
+                                                     "same virtual patients under every draw")}
+    summary = write_trial(out, result, outcome, prov, published, extra=extra)
     model = "calibrated" if choice.calibrated else "uncalibrated"
     line = (f"{model} model: ORR {100 * summary['orr']:.1f} % "
             f"(95 % CI {100 * summary['orr_ci'][0]:.1f}–{100 * summary['orr_ci'][1]:.1f})")
+    if extra:
+        pp = extra["posterior_predictive"]["orr"]
+        line += (f"; posterior predictive {100 * pp['mean']:.1f} % "
+                 f"(95 % CrI {100 * pp['lower']:.1f}–{100 * pp['upper']:.1f}, {pp['draws']} draws)")
     if published and published.get("orr") is not None:
         line += f"; published {100 * published['orr']:.1f} %"
     print(f"{regimen.name}: {summary['n_evaluated']}/{args.patients} patients evaluated; {line}; outputs in {out}")
     return 0
+
+
+def _posterior_models(args, params, spec) -> list:
+    """(ParameterSet, PopulationSpec) per selected posterior draw; [] without --posterior."""
+    if not getattr(args, "posterior", None):
+        return []
+    from qspjax.inference.predictive import apply_draw, load_posterior, posterior_draws
+
+    posterior = load_posterior(args.posterior)
+    return [apply_draw(d, params, spec, source=posterior.path) for d in posterior_draws(posterior, args.posterior_draws)]
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -152,6 +193,7 @@ def run_compare(args: argparse.Namespace) -> int:
     choice = model_options.resolve(args)
     spec = load_population(choice.population)
     params = load_parameters(choice.main, choice.extra)
+    draws = _posterior_models(args, params, spec)  # a bad posterior is refused before any compute
     writer = is_writer()  # process 0 of a multi-process run writes; the others only solve their share
     out = prepare_out_dir(args.out, args.overwrite) if writer else None
     prov = provenance(config=_config(args, choice), seed=args.seed)  # the revision that runs, read before the run
@@ -164,7 +206,23 @@ def run_compare(args: argparse.Namespace) -> int:
     if not writer:
         return 0
     outcomes = [evaluate(r, experiment.assessment, seed=args.seed) for r in results]
-    rows = write_comparison(out, experiment, results, outcomes, prov)
+    predictive = None
+    if draws:
+        from tqdm import tqdm
+
+        from qspjax.inference.predictive import summarise_draws
+
+        per_draw = [[] for _ in experiment.protocols]  # per protocol, one summary per draw
+        for draw_params, draw_spec in tqdm(draws, desc="posterior draws", unit="draw"):
+            pop = build_population(draw_params, args.patients, args.seed, drugs, spec=draw_spec, config=config,
+                                   chunk=args.chunk)
+            treated = treat_population(pop, [p.regimen for p in experiment.protocols], days=experiment.days,
+                                       output_every=args.output_every, config=config, chunk=args.chunk)
+            for i, r in enumerate(treated):
+                per_draw[i].append(evaluate(r, experiment.assessment, seed=args.seed).summary)
+        predictive = [dict(summarise_draws(s, seed=args.seed), posterior=args.posterior, draws=len(draws))
+                      for s in per_draw]
+    rows = write_comparison(out, experiment, results, outcomes, prov, posterior_predictive=predictive)
     print(comparison_table(rows))
     print(f"outputs in {out}")
     return 0
