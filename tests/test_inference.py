@@ -88,7 +88,12 @@ def test_adam_calibration_recovers_the_generating_parameters(synthetic):
     from qspjax.inference.calibrate import calibrate
 
     problem, truth = synthetic
-    result = calibrate(problem, jax.random.PRNGKey(0), starts=2, steps=300, learning_rate=0.05, patience=20,
+    # patience 50: from the first prior draw Adam dips to 55.5 nats at step 10, overshoots the
+    # narrow valley (Hessian eigenvalues ~107 and ~19,800 at the truth) up to 227 nats and is back
+    # below 55.5 only 25 steps later (with the earlier soft-min nadir and noisy-OR response the
+    # same transient took 17), so a patience of 20 stopped that start mid-descent, at 81.6 nats
+    # and 10 nats a step. The mode itself is at the truth (L-BFGS below: within 0.002).
+    result = calibrate(problem, jax.random.PRNGKey(0), starts=2, steps=300, learning_rate=0.05, patience=50,
                        tolerance=1e-4, progress=False)
     # tolerance: 0.05 on the log scale (5 %); data are rounded expected counts of 4,000 patients
     np.testing.assert_allclose(result.theta, truth, atol=0.05)
