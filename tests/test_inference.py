@@ -57,7 +57,8 @@ def synthetic(params):
                     tuple(int(round(sum(counts) * pfs[0, j])) for j in (2, 4))),
             ArmData("ici", ici, n, None, int(round(n * (resp[1, 0] + resp[1, 1]))), (28.0, 56.0),
                     tuple(int(round(n * pfs[1, j])) for j in (2, 4)))]
-    problem = Problem(arms, priors, params, spec, settings, simulator="kinetics")
+    # the data are the very cohort's predictions, so the virtual cohort adds no Monte-Carlo error
+    problem = Problem(arms, priors, params, spec, settings, simulator="kinetics", virtual_cohort_error=False)
     return problem, truth
 
 
@@ -427,7 +428,8 @@ def test_qsp_calibration_recovers_parameters_from_data_the_model_generated(param
         counts = tuple(int(x) for x in np.round(n * p4))
         alive = int(round(sum(counts) * float(pred.pfs[i, 2] / pred.pfs[i, 0])))  # day 28 = 2nd scan
         arms.append(ArmData(a.arm_id, a.regimen, sum(counts), counts, None, (28.0,), (alive,)))
-    problem = Problem(arms, priors, params, spec, settings, simulator="qsp")
+    # the data are the very cohort's predictions: no Monte-Carlo error of the virtual cohort
+    problem = Problem(arms, priors, params, spec, settings, simulator="qsp", virtual_cohort_error=False)
     result = calibrate(problem, jax.random.PRNGKey(0), initial=problem.prior_means()[None, :], steps=30,
                        patience=4, tolerance=1e-4, progress=False, method="lbfgs")
     # tolerance: 0.05 on the log scale (5 %), as for the surrogate's recovery
