@@ -123,6 +123,12 @@ def test_pfs_points_that_repeat_the_pd_count_are_dropped(problem):
     assert t.first_scan == 1 and t.pfs_points == (2,) and t.pfs_from == (-1,)
     assert t.pfs_at_risk == (30,) and t.pfs_free == (24,)  # 40 - 10 at risk, no censoring, no MC term
     assert any("first scan" in note for note in t.notes)
+    # an outcome clock that starts on day 53 (randomisation after induction): the PD count belongs
+    # to the first scan 42 days or more after it, day 119, 66 days after the origin
+    late = ArmData("late_origin", problem.arms[0].regimen, 40, (2, 10, 18, 10), None, (60.0, 125.0), (30, 24),
+                   origin_day=53.0)
+    t = arm_terms(late, problem.assessment_days, None)
+    assert t.origin == 0 and t.first_scan == 2 and t.pfs_points == (1,)
     # without response counts the intervals start at the origin and keep every point
     arm = ArmData("orr", problem.arms[0].regimen, 40, None, 12, (30.0, 63.0, 125.0), (30, 30, 24))
     t = arm_terms(arm, problem.assessment_days, None)
