@@ -22,12 +22,16 @@ Conventions (RECIST 1.1 adapted to a model that has no new lesions and no short 
 * sum of diameters (SOD) of the target lesions; baseline = SOD at ``times_days[0]``;
 * assessments every ``assessment_interval_days`` (56 = 8 weeks) after day 0 up to the last grid
   time, each read at the grid point nearest the scheduled day;
-* CR: SOD < ``cr_threshold_mm`` (default 1 mm): the target lesions have essentially disappeared.
-  RECIST's "nodes < 10 mm short axis" has no counterpart in a diameter-only model;
+* what a scan records: each target lesion's diameter, or 0 mm (gone) when it is below
+  ``detection_limit_mm`` (:data:`DETECTION_LIMIT_MM`, 5 mm); the SOD is the sum of these reads;
+* CR: every target lesion reads as gone (read SOD = 0). RECIST's "nodes < 10 mm short axis" has
+  no counterpart in a diameter-only model;
 * PR: SOD at least 30 % below baseline; PD: SOD at least 20 % and at least 5 mm above the nadir,
-  the smallest SOD among baseline and all previous assessments; PD is checked first, then CR,
-  then PR; SD otherwise. Boundaries are inclusive as RECIST states them (a relative tolerance of
-  1e-9 absorbs rounding, so 100 → 70 mm is a PR);
+  the smallest SOD among baseline and all previous assessments, or any target lesion read again
+  after a read of all of them gone (reappearance after a CR is PD, Schwartz et al. 2016, RECIST 1.1
+  update, Eur J Cancer 62:132); PD is checked first, then CR, then PR; SD otherwise. Boundaries
+  are inclusive as RECIST states them (a relative tolerance of 1e-9 absorbs rounding, so
+  100 → 70 mm is a PR);
 * NE (not evaluable, code 4) marks failed patients and patients with no assessment qualifying
   for a best response; they stay in rate denominators (intention to treat) unless failed.
 """
@@ -44,12 +48,23 @@ import scipy.special
 import scipy.stats
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
+from qspjax.errors import QSPValidationError
+
 CR, PR, SD, PD, NE = 0, 1, 2, 3, 4
 RESPONSE_NAMES = {CR: "CR", PR: "PR", SD: "SD", PD: "PD", NE: "NE"}
 
 PR_MAX_CHANGE = -0.30  # RECIST 1.1: at least a 30 % decrease of the SOD from baseline
 PD_MIN_CHANGE = 0.20  # RECIST 1.1: at least a 20 % increase of the SOD over the nadir ...
 PD_MIN_ABSOLUTE_MM = 5.0  # ... that is also at least 5 mm
+# The smallest lesion a scan can see: below it a lesion reads as gone (0 mm). RECIST 1.1
+# (Eisenhauer et al. 2009, Eur J Cancer 45:228, section 3.1.1 and appendix II) sets the minimum
+# *measurable* size at 10 mm, twice the 5 mm CT slice thickness it assumes, and tells readers to
+# record a target lesion that is still faintly seen but "too small to measure" at a default 5 mm
+# and one that has disappeared at 0 mm. A lesion below one slice thickness cannot be told from
+# partial-volume noise, so 5 mm is the size under which a read of "gone" is the honest one; at or
+# above it the lesion is seen and measured (at least the 5 mm default value).
+DETECTION_LIMIT_MM = 5.0
+SD_MIN_DAYS = 42.0  # SD counts as best response only from an assessment this many days in (6 weeks)
 ABSCOPAL_MAX_CHANGE = -0.30  # an out-of-field lesion "responds" like a PR of that lesion alone
 _TIE_RTOL = 1e-9  # so boundary values stated in RECIST (exactly -30 %, +20 %, +5 mm) count as met
 _LOG_FLOOR_MM = 1e-6  # smooth versions take logs of SODs; a vanished lesion is floored here
@@ -73,6 +88,34 @@ def sum_of_diameters(
             else np.broadcast_to(np.asarray(target_mask, bool), d.shape[:2]))
     # where, not multiply: a non-target lesion with a NaN diameter must not poison the sum
     return np.where(mask[..., None], d, 0.0).sum(axis=1)
+
+
+def check_detection_limit(detection_limit_mm: float) -> float:
+    """``detection_limit_mm`` as a float, or :class:`QSPValidationError` unless positive and finite."""
+    try:
+        value = float(detection_limit_mm)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0.0):
+        raise QSPValidationError("outcomes", "detection_limit_mm", detection_limit_mm,
+                                 "must be a positive, finite diameter in mm (RECIST 1.1 default: 5)")
+    return value
+
+
+def scan_sum_of_diameters(
+    diameters_mm: Float[ArrayLike, "patients lesions time"] | Float[ArrayLike, "patients time"],
+    target_mask: Bool[ArrayLike, "lesions"] | Bool[ArrayLike, "patients lesions"] | None = None,
+    detection_limit_mm: float = DETECTION_LIMIT_MM,
+) -> Float[np.ndarray, "patients time"]:
+    """The SOD a scan records: each target lesion below ``detection_limit_mm`` reads 0 mm (gone).
+
+    A 2-D input (already summed) is read as one lesion. NaN diameters stay NaN.
+    """
+    limit = check_detection_limit(detection_limit_mm)
+    d = np.asarray(diameters_mm, dtype=float)
+    with np.errstate(invalid="ignore"):
+        read = np.where(d < limit * (1 - _TIE_RTOL), 0.0, d)
+    return sum_of_diameters(read, target_mask)
 
 
 def assessment_indices(
@@ -105,8 +148,9 @@ def assessment_indices(
 class RecistAssessments(NamedTuple):
     """RECIST reads of a cohort at its assessments.
 
-    ``days`` (A,) are grid times relative to day 0; ``sum_diameters_mm`` and ``percent_change``
-    (change from baseline, in %) are (P, A); ``category`` (P, A) holds CR/PR/SD/PD codes (NE for
+    ``days`` (A,) are grid times relative to day 0; ``sum_diameters_mm`` (the SOD the scans
+    record, lesions below the detection limit read 0) and ``percent_change`` (change from
+    baseline, in %) are (P, A); ``category`` (P, A) holds CR/PR/SD/PD codes (NE for
     failed patients); ``status_ok`` (P,) is the solve status passed in.
     """
 
@@ -132,16 +176,18 @@ def recist_assessments(
     *,
     assessment_interval_days: float = 56.0,
     assessment_days: Float[ArrayLike, "assessments"] | None = None,
-    cr_threshold_mm: float = 1.0,
+    detection_limit_mm: float = DETECTION_LIMIT_MM,
 ) -> RecistAssessments:
     """Classify every assessment as CR, PR, SD or PD by RECIST 1.1 on the target-lesion SOD.
 
-    PD is measured from the nadir: the smallest SOD among baseline and all *previous*
-    assessments, so a lesion that shrank to 50 mm and regrew to 61 mm is PD even while still
-    below its 100 mm baseline.
+    Every read is what a scan records (:func:`scan_sum_of_diameters`): a target lesion below
+    ``detection_limit_mm`` reads 0 mm, and CR means every target lesion reads 0. PD is measured
+    from the nadir: the smallest SOD among baseline and all *previous* assessments, so a lesion
+    that shrank to 50 mm and regrew to 61 mm is PD even while still below its 100 mm baseline; a
+    nadir of 0 (a CR was read) followed by any visible target lesion is PD too (reappearance).
     """
     t = np.asarray(times_days, dtype=float)
-    sod = sum_of_diameters(diameters_mm, target_mask)
+    sod = scan_sum_of_diameters(diameters_mm, target_mask, detection_limit_mm)
     ok = _status(status_ok, sod.shape[0])
     idx = assessment_indices(t, assessment_interval_days, assessment_days)
     baseline = sod[:, 0]
@@ -152,7 +198,8 @@ def recist_assessments(
         nadir = np.minimum.accumulate(history, axis=1)
         growth = at - nadir
         is_pd = (growth >= PD_MIN_CHANGE * nadir * (1 - _TIE_RTOL)) & (growth >= PD_MIN_ABSOLUTE_MM * (1 - _TIE_RTOL))
-        is_cr = at < cr_threshold_mm
+        is_pd |= (nadir <= 0.0) & (at > 0.0)  # a lesion seen again after all were gone
+        is_cr = at <= 0.0
         is_pr = change <= PR_MAX_CHANGE * (1 - _TIE_RTOL)
     category = np.select([is_pd, is_cr, is_pr], [PD, CR, PR], default=SD)
     category = np.where(ok[:, None], category, NE)
@@ -193,7 +240,7 @@ def best_overall_response(
     *,
     confirm: bool = False,
     confirm_min_days: float = 28.0,
-    sd_min_days: float = 42.0,
+    sd_min_days: float = SD_MIN_DAYS,
 ) -> BestResponse:
     """RECIST 1.1 best overall response: the best category recorded before progression.
 
@@ -303,12 +350,14 @@ def out_of_field_response(
     *,
     assessment_interval_days: float = 56.0,
     assessment_days: Float[ArrayLike, "assessments"] | None = None,
+    detection_limit_mm: float = DETECTION_LIMIT_MM,
 ) -> Bool[np.ndarray, "patients"]:
     """Abscopal response: the non-irradiated ``lesion`` alone is ≥ 30 % below its own baseline
-    diameter at any assessment. False for failed patients."""
+    diameter at any assessment (read as a scan records it). False for failed patients."""
     single = np.asarray(diameters_mm, dtype=float)[:, lesion, :]
     a = recist_assessments(times_days, single, status_ok=status_ok,
-                           assessment_interval_days=assessment_interval_days, assessment_days=assessment_days)
+                           assessment_interval_days=assessment_interval_days, assessment_days=assessment_days,
+                           detection_limit_mm=detection_limit_mm)
     with np.errstate(invalid="ignore"):
         shrank = (a.percent_change <= 100.0 * ABSCOPAL_MAX_CHANGE * (1 - _TIE_RTOL)).any(axis=1)
     return shrank & a.status_ok
@@ -490,10 +539,10 @@ def summarise(
     target_mask: Bool[ArrayLike, "lesions"] | Bool[ArrayLike, "patients lesions"] | None = None,
     assessment_interval_days: float = 56.0,
     assessment_days: Float[ArrayLike, "assessments"] | None = None,
-    cr_threshold_mm: float = 1.0,
+    detection_limit_mm: float = DETECTION_LIMIT_MM,
     confirm: bool = False,
     confirm_min_days: float = 28.0,
-    sd_min_days: float = 42.0,
+    sd_min_days: float = SD_MIN_DAYS,
     death_rate_per_day: float = 0.0,
     seed: int = 0,
     confidence: float = 0.95,
@@ -510,7 +559,7 @@ def summarise(
     return arm_endpoints(
         times_days, diameters_mm, status_ok, target_mask=target_mask,
         assessment_interval_days=assessment_interval_days, assessment_days=assessment_days,
-        cr_threshold_mm=cr_threshold_mm, confirm=confirm, confirm_min_days=confirm_min_days,
+        detection_limit_mm=detection_limit_mm, confirm=confirm, confirm_min_days=confirm_min_days,
         sd_min_days=sd_min_days, death_rate_per_day=death_rate_per_day, seed=seed, confidence=confidence,
         out_of_field_lesion=out_of_field_lesion, viable_fraction=viable_fraction,
     ).summary
@@ -534,10 +583,10 @@ def arm_endpoints(
     target_mask: Bool[ArrayLike, "lesions"] | Bool[ArrayLike, "patients lesions"] | None = None,
     assessment_interval_days: float = 56.0,
     assessment_days: Float[ArrayLike, "assessments"] | None = None,
-    cr_threshold_mm: float = 1.0,
+    detection_limit_mm: float = DETECTION_LIMIT_MM,
     confirm: bool = False,
     confirm_min_days: float = 28.0,
-    sd_min_days: float = 42.0,
+    sd_min_days: float = SD_MIN_DAYS,
     death_rate_per_day: float = 0.0,
     seed: int = 0,
     confidence: float = 0.95,
@@ -548,7 +597,7 @@ def arm_endpoints(
     Kaplan–Meier it computed (for per-patient tables and plots of the same cohort)."""
     a = recist_assessments(times_days, diameters_mm, target_mask, status_ok,
                            assessment_interval_days=assessment_interval_days,
-                           assessment_days=assessment_days, cr_threshold_mm=cr_threshold_mm)
+                           assessment_days=assessment_days, detection_limit_mm=detection_limit_mm)
     best = best_overall_response(a, confirm=confirm, confirm_min_days=confirm_min_days, sd_min_days=sd_min_days)
     ok = a.status_ok
     bor = best.category
@@ -574,7 +623,8 @@ def arm_endpoints(
     if out_of_field_lesion is not None:
         ab = rate(out_of_field_response(times_days, diameters_mm, out_of_field_lesion, ok,
                                         assessment_interval_days=assessment_interval_days,
-                                        assessment_days=assessment_days), ok, confidence)
+                                        assessment_days=assessment_days,
+                                        detection_limit_mm=detection_limit_mm), ok, confidence)
         out["abscopal_rate"] = ab.estimate
         out["abscopal_ci"] = (ab.ci_low, ab.ci_high)
     if viable_fraction is not None:
@@ -595,70 +645,101 @@ class _SoftCourse(NamedTuple):
 
     days: np.ndarray  # (A,) assessment days relative to day 0: fixed data
     no_progression_through: Array  # (P, A) P(no PD at this or any earlier assessment)
-    ever_complete: Array  # (P,) P(a CR before PD)
-    ever_response: Array  # (P,) P(a CR or PR before PD)
-    ever_control: Array  # (P,) P(a CR/PR, or a non-PD read from sd_min_days on, before PD)
+    ever_complete: Array  # (P,) best over assessments of "CR here and no PD through here"
+    ever_response: Array  # (P,) the same for a CR or PR
+    ever_control: Array  # (P,) the same for a CR/PR, or a non-PD read from sd_min_days on
+
+
+def _soft_reads(diameters_mm, target_mask, status_ok, columns, temperature, detection_limit_mm):
+    """Smooth scan reads at grid ``columns``: log of the read SOD and P(every target lesion gone).
+
+    Each target lesion is seen with the smooth indicator v = σ((log d - log limit) / τ) and enters
+    the read SOD as v·d (its expected recorded diameter: d when seen, 0 when read as gone);
+    "all gone" is Π (1 - v) over the target lesions, formed from log-sigmoids. A 2-D input is one
+    lesion. Failed patients and non-target lesions are replaced by constants before any
+    arithmetic, so NaNs in their slots cannot reach values or gradients.
+    """
+    d = jnp.asarray(diameters_mm)
+    if d.ndim == 2:
+        d = d[:, None, :]
+        mask = jnp.ones(d.shape[:2], bool)
+    else:
+        mask = (jnp.ones(d.shape[:2], bool) if target_mask is None
+                else jnp.broadcast_to(jnp.asarray(target_mask, bool), d.shape[:2]))
+    d = d[:, :, columns]
+    keep = mask[..., None]
+    if status_ok is not None:
+        keep = keep & jnp.asarray(status_ok, bool)[:, None, None]
+    d = jnp.where(keep, d, 2.0 * detection_limit_mm)
+    margin = (jnp.log(jnp.maximum(d, _LOG_FLOOR_MM)) - math.log(detection_limit_mm)) / temperature
+    read = jnp.sum(jnp.where(mask[..., None], jax.nn.sigmoid(margin) * d, 0.0), axis=1)
+    gone = jnp.exp(jnp.sum(jnp.where(mask[..., None], jax.nn.log_sigmoid(-margin), 0.0), axis=1))
+    return jnp.log(jnp.maximum(read, _LOG_FLOOR_MM)), gone
 
 
 def _soft_course(times_days, diameters_mm, target_mask, status_ok, temperature, assessment_interval_days,
-                 assessment_days, cr_threshold_mm, sd_min_days) -> _SoftCourse:
+                 assessment_days, detection_limit_mm, sd_min_days) -> _SoftCourse:
     """Soft indicators of PD, CR and PR at each assessment, combined along the course.
 
-    A ``lax.scan`` over assessments carries the soft nadir (a running soft-min of log SOD, built
-    pairwise with logaddexp, which equals -τ logsumexp(-log SOD / τ) over the whole history) and
-    the probabilities that no PD has happened and that no CR / response / disease control has
-    been seen yet. Cumulative jnp ops (cumlogsumexp, cumprod) would do the same but compile
+    The reads are :func:`_soft_reads` at baseline and each assessment; a ``lax.scan`` over the
+    assessments carries the exact running nadir of the read SOD, whether every lesion was read as
+    gone before (for PD by reappearance), P(no PD so far), and the running best of each
+    "X at this scan and no PD through it". Cumulative jnp ops would do the same but compile
     seconds slower, gradients above all.
     """
-    d = jnp.asarray(diameters_mm)
-    if d.ndim == 3:
-        mask = (jnp.ones(d.shape[:2], bool) if target_mask is None
-                else jnp.broadcast_to(jnp.asarray(target_mask, bool), d.shape[:2]))
-        sod = jnp.sum(jnp.where(mask[..., None], d, 0.0), axis=1)
-    else:
-        sod = d
-    if status_ok is not None:
-        # failed patients may carry NaN; replacing them before any arithmetic keeps gradients finite
-        sod = jnp.where(jnp.asarray(status_ok, bool)[:, None], sod, 1.0)
+    limit = check_detection_limit(detection_limit_mm)
     idx = assessment_indices(times_days, assessment_interval_days, assessment_days)
     t = np.asarray(times_days, dtype=float)
     days = t[idx] - t[0]
-    log_base = jnp.log(jnp.maximum(sod[:, 0], _LOG_FLOOR_MM))
-    log_at = jnp.log(jnp.maximum(sod[:, idx], _LOG_FLOOR_MM))  # (P, A)
-    sd_time_ok = jnp.asarray(days >= sd_min_days * (1 - _TIE_RTOL), dtype=log_at.dtype)
-    no_pd, never_cr, never_resp, never_dc = _soft_scan(log_base, log_at, sd_time_ok, temperature,
-                                                       math.log(cr_threshold_mm))
-    return _SoftCourse(days, no_pd, 1.0 - never_cr, 1.0 - never_resp, 1.0 - never_dc)
+    columns = np.concatenate([[0], idx]).astype(int)
+    log_read, gone = _soft_reads(diameters_mm, target_mask, status_ok, columns, temperature, limit)
+    sd_time_ok = jnp.asarray(days >= sd_min_days * (1 - _TIE_RTOL), dtype=log_read.dtype)
+    no_pd, best_cr, best_resp, best_dc = _soft_scan(log_read, gone, sd_time_ok, temperature)
+    return _SoftCourse(days, no_pd, best_cr, best_resp, best_dc)
 
 
 @jax.jit
-def _soft_scan(log_base, log_at, sd_time_ok, temperature, log_cr_threshold):
-    """The scan of :func:`_soft_course`. Jitted at module level with every setting as an argument,
-    so eager callers reuse one compilation per cohort shape instead of re-tracing the scan."""
+def _soft_scan(log_read, gone, sd_time_ok, temperature):
+    """The scan of :func:`_soft_course` over assessments; column 0 of ``log_read`` and ``gone``
+    (P, 1 + A) is the baseline. Jitted at module level with every setting as an argument, so eager
+    callers reuse one compilation per cohort shape instead of re-tracing the scan.
+
+    Per assessment: PD = max(σ(relative margin)·σ(absolute margin), reappearance), with
+    reappearance = (all gone at baseline or an earlier scan) · (not all gone now); CR = all gone;
+    response = max(CR, σ(PR margin)); control = max(response, SD timing). The nadir is the exact
+    running minimum of the log read SOD (``jnp.minimum``: differentiable except where two reads
+    tie, where either one-sided derivative is valid); a soft-min would sit τ log(k + 1) below it
+    and make a stable tumor look progressed. "Ever X before PD" is the running maximum over
+    assessments of X_a · P(no PD through a), the smooth read of the single best scan, as the hard
+    best response is: a course that reads X with the same soft probability at one scan or at six
+    gets the same value (a noisy-OR over scans, 1 - Π(1 - X_a), would climb with their number).
+    P(no PD through a) stays the product Π_{b≤a}(1 - PD_b).
+    """
     sigmoid = jax.nn.sigmoid
+    log_base = log_read[:, 0]
 
     def one_assessment(carry, read):
-        log_nadir, no_pd, never_cr, never_resp, never_dc = carry
-        log_sod, sd_ok = read
+        log_nadir, was_gone, no_pd, best_cr, best_resp, best_dc = carry
+        log_sod, all_gone, sd_ok = read
         # both PD limits as dimensionless margins: a log-ratio and (growth - 5 mm) / 5 mm
         relative = (log_sod - log_nadir - math.log1p(PD_MIN_CHANGE)) / temperature
         absolute = (jnp.exp(log_sod) - jnp.exp(log_nadir) - PD_MIN_ABSOLUTE_MM) / (PD_MIN_ABSOLUTE_MM * temperature)
-        no_pd = no_pd * (1.0 - sigmoid(relative) * sigmoid(absolute))
-        complete = sigmoid((log_cr_threshold - log_sod) / temperature)
+        progression = jnp.maximum(sigmoid(relative) * sigmoid(absolute), was_gone * (1.0 - all_gone))
+        no_pd = no_pd * (1.0 - progression)
         partial = sigmoid((math.log1p(PR_MAX_CHANGE) - (log_sod - log_base)) / temperature)
-        response = 1.0 - (1.0 - complete) * (1.0 - partial)
-        control = 1.0 - (1.0 - response) * (1.0 - sd_ok)
-        # "X at this assessment and no PD through it" (and = product), accumulated as "never X"
-        never_cr = never_cr * (1.0 - no_pd * complete)
-        never_resp = never_resp * (1.0 - no_pd * response)
-        never_dc = never_dc * (1.0 - no_pd * control)
-        log_nadir = -temperature * jnp.logaddexp(-log_nadir / temperature, -log_sod / temperature)
-        return (log_nadir, no_pd, never_cr, never_resp, never_dc), no_pd
+        response = jnp.maximum(all_gone, partial)
+        control = jnp.maximum(response, sd_ok)
+        best_cr = jnp.maximum(best_cr, no_pd * all_gone)
+        best_resp = jnp.maximum(best_resp, no_pd * response)
+        best_dc = jnp.maximum(best_dc, no_pd * control)
+        carry = (jnp.minimum(log_nadir, log_sod), jnp.maximum(was_gone, all_gone), no_pd, best_cr, best_resp, best_dc)
+        return carry, no_pd
 
-    ones = jnp.ones_like(log_base)
-    init = (log_base, ones, ones, ones, ones)
-    (_, _, never_cr, never_resp, never_dc), no_pd = jax.lax.scan(one_assessment, init, (log_at.T, sd_time_ok))
-    return no_pd.T, never_cr, never_resp, never_dc
+    zeros = jnp.zeros_like(log_base)
+    init = (log_base, gone[:, 0], jnp.ones_like(log_base), zeros, zeros, zeros)
+    (_, _, _, best_cr, best_resp, best_dc), no_pd = jax.lax.scan(
+        one_assessment, init, (log_read[:, 1:].T, gone[:, 1:].T, sd_time_ok))
+    return no_pd.T, best_cr, best_resp, best_dc
 
 
 def soft_best_response_probabilities(
@@ -670,22 +751,24 @@ def soft_best_response_probabilities(
     temperature: float = 0.05,
     assessment_interval_days: float = 56.0,
     assessment_days: Float[ArrayLike, "assessments"] | None = None,
-    cr_threshold_mm: float = 1.0,
-    sd_min_days: float = 42.0,
+    detection_limit_mm: float = DETECTION_LIMIT_MM,
+    sd_min_days: float = SD_MIN_DAYS,
 ) -> Float[Array, "patients 5"]:
     """Smooth multinomial over best overall response, columns CR, PR, SD, PD, NE (unconfirmed BOR).
 
     Each threshold becomes a sigmoid of a dimensionless margin over ``temperature``: log-ratios
-    for the relative thresholds (-30 %, +20 %, the CR size), (Δ - 5 mm) / 5 mm for the absolute
-    PD rule; the nadir is a soft-min of log SODs (within τ log(A + 1) below the true one). Boolean
-    logic on the soft indicators uses products (and = x y, or = 1 - (1-x)(1-y)), exact at 0/1:
-    "no PD through assessment a" is Π_{b≤a}(1 - PD_b), "ever X before PD" is
-    1 - Π_a(1 - X_a · no PD through a). The columns are differences of nested "ever"
-    probabilities, so they are ≥ 0 and sum to 1. P(response) is the sum of the first two.
-    ``times_days`` must be concrete (not traced): it fixes the assessment schedule.
+    for the relative thresholds (-30 %, +20 %, a lesion's size against ``detection_limit_mm``),
+    (Δ - 5 mm) / 5 mm for the absolute PD rule; the nadir is the exact running minimum of the read
+    SOD. "No PD through assessment a" is Π_{b≤a}(1 - PD_b); "X before PD" (X = CR, response,
+    disease control) is max_a X_a · (no PD through a), the single best scan, as the hard best
+    response; "evaluable" is the noisy-OR of disease control and any PD. The columns are
+    differences of these nested probabilities (CR ⊂ response ⊂ control scan by scan), so they are
+    ≥ 0 and sum to 1. P(response) is the sum of the first two. As the temperature goes to 0 they
+    converge to the hard :func:`best_overall_response` (unconfirmed) on courses away from the
+    thresholds. ``times_days`` must be concrete (not traced): it fixes the assessment schedule.
     """
     c = _soft_course(times_days, diameters_mm, target_mask, status_ok, temperature,
-                     assessment_interval_days, assessment_days, cr_threshold_mm, sd_min_days)
+                     assessment_interval_days, assessment_days, detection_limit_mm, sd_min_days)
     any_pd = 1.0 - c.no_progression_through[:, -1] if c.days.size else jnp.zeros_like(c.ever_complete)
     evaluable = 1.0 - (1.0 - c.ever_control) * (1.0 - any_pd)
     cumulative = jnp.stack([c.ever_complete, c.ever_response, c.ever_control, evaluable,
@@ -705,6 +788,7 @@ def soft_progression_free_probability(
     assessment_interval_days: float = 56.0,
     assessment_days: Float[ArrayLike, "assessments"] | None = None,
     death_rate_per_day: float = 0.0,
+    detection_limit_mm: float = DETECTION_LIMIT_MM,
 ) -> Float[Array, "patients e"]:
     """Smooth P(progression-free at each of ``eval_days``) per patient.
 
@@ -714,7 +798,7 @@ def soft_progression_free_probability(
     converges to the Kaplan–Meier PFS curve of the hard version while t ≤ the last assessment.
     """
     c = _soft_course(times_days, diameters_mm, target_mask, status_ok, temperature,
-                     assessment_interval_days, assessment_days, 1.0, 0.0)
+                     assessment_interval_days, assessment_days, detection_limit_mm, 0.0)
     e = np.asarray(eval_days, dtype=float)
     no_pd = jnp.concatenate([jnp.ones_like(c.ever_complete)[:, None], c.no_progression_through], axis=1)
     n_seen = np.searchsorted(c.days, e * (1 + _TIE_RTOL) + 1e-12, side="right")  # assessments on or before t

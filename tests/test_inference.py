@@ -57,7 +57,8 @@ def synthetic(params):
                     tuple(int(round(sum(counts) * pfs[0, j])) for j in (2, 4))),
             ArmData("ici", ici, n, None, int(round(n * (resp[1, 0] + resp[1, 1]))), (28.0, 56.0),
                     tuple(int(round(n * pfs[1, j])) for j in (2, 4)))]
-    problem = Problem(arms, priors, params, spec, settings, simulator="kinetics")
+    # the data are the very cohort's predictions, so the virtual cohort adds no Monte-Carlo error
+    problem = Problem(arms, priors, params, spec, settings, simulator="kinetics", virtual_cohort_error=False)
     return problem, truth
 
 
@@ -88,7 +89,12 @@ def test_adam_calibration_recovers_the_generating_parameters(synthetic):
     from qspjax.inference.calibrate import calibrate
 
     problem, truth = synthetic
-    result = calibrate(problem, jax.random.PRNGKey(0), starts=2, steps=300, learning_rate=0.05, patience=20,
+    # patience 50: from the first prior draw Adam dips to 55.5 nats at step 10, overshoots the
+    # narrow valley (Hessian eigenvalues ~107 and ~19,800 at the truth) up to 227 nats and is back
+    # below 55.5 only 25 steps later (with the earlier soft-min nadir and noisy-OR response the
+    # same transient took 17), so a patience of 20 stopped that start mid-descent, at 81.6 nats
+    # and 10 nats a step. The mode itself is at the truth (L-BFGS below: within 0.002).
+    result = calibrate(problem, jax.random.PRNGKey(0), starts=2, steps=300, learning_rate=0.05, patience=50,
                        tolerance=1e-4, progress=False)
     # tolerance: 0.05 on the log scale (5 %); data are rounded expected counts of 4,000 patients
     np.testing.assert_allclose(result.theta, truth, atol=0.05)
@@ -422,7 +428,8 @@ def test_qsp_calibration_recovers_parameters_from_data_the_model_generated(param
         counts = tuple(int(x) for x in np.round(n * p4))
         alive = int(round(sum(counts) * float(pred.pfs[i, 2] / pred.pfs[i, 0])))  # day 28 = 2nd scan
         arms.append(ArmData(a.arm_id, a.regimen, sum(counts), counts, None, (28.0,), (alive,)))
-    problem = Problem(arms, priors, params, spec, settings, simulator="qsp")
+    # the data are the very cohort's predictions: no Monte-Carlo error of the virtual cohort
+    problem = Problem(arms, priors, params, spec, settings, simulator="qsp", virtual_cohort_error=False)
     result = calibrate(problem, jax.random.PRNGKey(0), initial=problem.prior_means()[None, :], steps=30,
                        patience=4, tolerance=1e-4, progress=False, method="lbfgs")
     # tolerance: 0.05 on the log scale (5 %), as for the surrogate's recovery

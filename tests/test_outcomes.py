@@ -18,6 +18,7 @@ import qspjax  # noqa: F401  (turns on float64 before jax is used)
 import jax
 import jax.numpy as jnp
 from qspjax import outcomes as oc
+from qspjax.errors import QSPValidationError
 from qspjax import plots
 
 DAYS = np.arange(0.0, 337.0)  # daily grid to day 336: assessments at 56, 112, ..., 336
@@ -53,7 +54,7 @@ COHORT = np.array([
     [12, 14, 15, 15, 15, 15, 15],  # +25 % but only +3 mm: SD
     [70, 65, 60, 55, 45, 40, 38],  # late PR
     [100, 80, 100, 60, 60, 60, 60],  # SD, PD, then shrinks: BOR stays SD
-    [30, 15, 5, 0.3, 0.3, 0.3, 0.3],  # PR then CR
+    [30, 15, 8, 0.3, 0.3, 0.3, 0.3],  # PR then CR (0.3 mm is below the 5 mm detection limit)
 ])
 COHORT_BOR = [oc.CR, oc.PR, oc.PR, oc.SD, oc.PD, oc.SD, oc.SD, oc.PR, oc.SD, oc.CR]
 
@@ -76,10 +77,50 @@ def test_categories_cover_cr_pr_sd_pd():
     np.testing.assert_array_equal(cat[:, 0], [oc.CR, oc.PR, oc.SD, oc.PD])
 
 
-def test_cr_threshold_is_a_parameter():
+def test_a_lesion_below_the_detection_limit_reads_as_gone():
     values = [[100, 3, 3, 3, 3, 3, 3]]
-    assert categories(values)[0, 0] == oc.PR
-    assert categories(values, cr_threshold_mm=5.0)[0, 0] == oc.CR
+    assert oc.DETECTION_LIMIT_MM == 5.0
+    assert categories(values)[0, 0] == oc.CR  # 3 mm < 5 mm: the scan sees nothing
+    assert categories(values, detection_limit_mm=2.0)[0, 0] == oc.PR  # a finer scan still sees it
+    a = oc.recist_assessments(DAYS, on_grid(values))
+    assert a.sum_diameters_mm[0, 0] == 0.0 and a.percent_change[0, 0] == -100.0
+    assert categories([[100, 5, 5, 5, 5, 5, 5]])[0, 0] == oc.PR  # at the limit it is seen and measured
+
+
+def test_cr_needs_every_target_lesion_below_the_detection_limit():
+    gone = on_grid([100, 4, 4, 4, 4, 4, 4])
+    seen = on_grid([50, 6, 6, 6, 6, 6, 6])
+    both_gone = np.stack([gone, gone], axis=1)
+    one_seen = np.stack([gone, seen], axis=1)
+    assert oc.recist_assessments(DAYS, both_gone).category[0, 0] == oc.CR
+    a = oc.recist_assessments(DAYS, one_seen)
+    assert a.category[0, 0] == oc.PR and a.sum_diameters_mm[0, 0] == 6.0  # 4 mm reads 0, 6 mm is measured
+    # a non-target lesion that is still seen does not stop the targets' CR
+    assert oc.recist_assessments(DAYS, one_seen, target_mask=[True, False]).category[0, 0] == oc.CR
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, math.nan, "five"])
+def test_detection_limit_must_be_positive_and_finite(bad):
+    with pytest.raises(QSPValidationError, match="detection_limit_mm"):
+        categories([[100, 3, 3, 3, 3, 3, 3]], detection_limit_mm=bad)
+    with pytest.raises(QSPValidationError, match="detection_limit_mm"):
+        oc.soft_best_response_probabilities(DAYS, jnp.asarray(on_grid([100, 3, 3, 3, 3, 3, 3])),
+                                            detection_limit_mm=bad)
+
+
+def test_regrowth_after_a_complete_response_is_progression():
+    # all gone at day 56, then a 4 mm lesion (still unseen), then 6 mm: reappearance is PD
+    # (RECIST 1.1 update, Schwartz et al. 2016), although 6 mm is 94 % below baseline
+    cat = categories([[100, 2, 4, 6, 6, 6, 6]])
+    np.testing.assert_array_equal(cat[0, :3], [oc.CR, oc.CR, oc.PD])
+    best = bor([[100, 2, 4, 6, 6, 6, 6]])
+    assert best.category[0] == oc.CR and best.progression_day[0] == 168.0
+    # with a 2 mm limit the 4 mm lesion is seen again: PD at day 112 although it grew by only 2 mm
+    cat = categories([[100, 1, 4, 4, 4, 4, 4]], detection_limit_mm=2.0)
+    np.testing.assert_array_equal(cat[0, :2], [oc.CR, oc.PD])
+    # while a lesion is still seen the sum rule applies: 6 → 10 mm is +67 % but only +4 mm, a PR
+    cat = categories([[100, 6, 10, 10, 10, 10, 10]])
+    np.testing.assert_array_equal(cat[0, :2], [oc.PR, oc.PR])
 
 
 def test_pd_is_measured_from_the_nadir_not_from_baseline():
@@ -135,7 +176,8 @@ def test_progression_at_first_assessment_gives_pd():
     [
         ([100, 60, 90, 90, 90, 90, 90], oc.SD),  # a single PR is unconfirmed
         ([100, 60, 60, 90, 90, 90, 90], oc.PR),
-        ([100, 0.9, 4, 4, 4, 4, 4], oc.PR),  # CR confirmed only by a PR (+3 mm: not PD) is a confirmed PR
+        ([100, 0.9, 4, 4, 4, 4, 4], oc.CR),  # 4 mm is below the detection limit: CR confirmed
+        ([100, 0.9, 6, 6, 6, 6, 6], oc.SD),  # CR, then a lesion seen again (PD) before confirmation
         ([100, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5], oc.CR),
         ([100, 90, 90, 90, 90, 90, 60], oc.SD),  # PR at the last assessment cannot be confirmed
         ([100, 60, 71, 65, 71, 71, 71], oc.PR),  # PR, SD, PR: an intervening SD is allowed
@@ -146,6 +188,16 @@ def test_confirmation_needs_a_later_response_before_progression(values, confirme
     unconfirmed = bor([values]).category[0]
     assert unconfirmed in (oc.CR, oc.PR)
     assert bor([values], confirm=True).category[0] == confirmed
+
+
+def test_a_cr_confirmed_only_by_a_pr_is_a_confirmed_pr():
+    # From diameters a CR can no longer be followed by a PR (a lesion seen again is PD), but the
+    # confirmation rule still reads categories as RECIST states it.
+    days = np.array([56.0, 112.0, 168.0])
+    cat = np.array([[oc.CR, oc.PR, oc.SD]])
+    a = oc.RecistAssessments(days, np.array([100.0]), np.zeros((1, 3)), np.zeros((1, 3)), cat, np.array([True]))
+    assert oc.best_overall_response(a, confirm=True).category[0] == oc.PR
+    assert oc.best_overall_response(a).category[0] == oc.CR
 
 
 def test_confirmation_needs_at_least_four_weeks():
@@ -322,6 +374,86 @@ def test_soft_progression_free_curve_converges_to_kaplan_meier():
         errors.append(np.max(np.abs(np.asarray(oc.soft_cohort_mean(per_patient)) - hard)))
     assert np.all(np.diff(errors) < 0), errors
     assert errors[-1] < 1e-3, errors
+
+
+# Courses from the review of the smooth endpoints (issue 15), SOD at baseline and 6 scans.
+REVIEW_COURSES = {
+    "stable": [100, 100, 100, 100, 100, 100, 100],
+    "plateau_-15%": [100, 85, 85, 85, 85, 85, 85],
+    "responder_-40%": [100, 60, 60, 60, 60, 60, 60],
+    "early_progressor": [40, 60, 70, 80, 90, 100, 110],
+    "complete_response": [100, 30, 3, 2, 2, 2, 2],
+    "regrowth_after_cr": [100, 30, 3, 9, 12, 15, 18],
+}
+
+
+def soft_and_hard(values, temperature, assessment_days=None):
+    diameters = on_grid(values, assessment_days)
+    a = oc.recist_assessments(DAYS, diameters, assessment_days=assessment_days)
+    best = oc.best_overall_response(a)
+    ttp = oc.time_to_progression(best)
+    eval_days = np.array([0.0, 56.0, 112.0, 168.0, 224.0, 280.0, 336.0])
+    hard_pf = oc.survival_at(oc.kaplan_meier(ttp.days, ttp.event), eval_days)
+    p = oc.soft_best_response_probabilities(DAYS, jnp.asarray(diameters), temperature=temperature,
+                                            assessment_days=assessment_days)
+    pf = oc.soft_progression_free_probability(DAYS, jnp.asarray(diameters), eval_days, temperature=temperature,
+                                              assessment_days=assessment_days)
+    return np.asarray(p)[0], np.eye(5)[best.category[0]], np.asarray(pf)[0], hard_pf
+
+
+@pytest.mark.parametrize("name", list(REVIEW_COURSES))
+def test_soft_endpoints_of_review_courses_converge_to_the_hard_ones(name):
+    errors = []
+    for temperature in TEMPERATURES:
+        p, hard, pf, hard_pf = soft_and_hard([REVIEW_COURSES[name]], temperature)
+        errors.append(max(np.max(np.abs(p - hard)), np.max(np.abs(pf - hard_pf))))
+    assert np.all(np.diff(errors) <= 1e-15), errors
+    assert errors[-1] < 1e-6, errors
+
+
+def test_a_stable_tumor_is_progression_free_under_the_soft_nadir():
+    # exact running nadir: each scan's PD is σ(-log 1.2 / τ) σ(-5 mm / (5 mm τ)); the old soft-min
+    # nadir sat τ log(k + 1) below 100 mm and gave ~0.52 at day 168
+    tau = 0.1
+    _, _, pf, _ = soft_and_hard([REVIEW_COURSES["stable"]], tau)
+    per_scan = scipy.special.expit(-math.log(1.2) / tau) * scipy.special.expit(-1.0 / tau)
+    assert pf[3] == pytest.approx((1 - per_scan) ** 3, rel=1e-12)  # day 168: three scans
+    assert pf[3] > 0.99998
+
+
+def test_soft_response_is_the_best_scan_whatever_the_number_of_scans():
+    # held at -15 % for 3 or for 6 scans: P(PR) is the one scan's σ(log(0.70 / 0.85) / τ) either way
+    three = [56.0, 112.0, 168.0]
+    for tau, expected in ((0.1, scipy.special.expit(math.log(0.70 / 0.85) / 0.1)), (0.003, 0.0)):
+        p3 = soft_and_hard([[100, 85, 85, 85]], tau, three)[0]
+        p6 = soft_and_hard([REVIEW_COURSES["plateau_-15%"]], tau)[0]
+        assert p3[oc.PR] == pytest.approx(expected, abs=1e-4)
+        assert p6[oc.PR] == pytest.approx(p3[oc.PR], abs=1e-4)
+    assert p3[oc.PR] < 1e-20  # tau = 0.003: the hard answer, SD (7.8e-29)
+    # a hard progressor at the first scan keeps only its one scan's chance of control
+    p = soft_and_hard([REVIEW_COURSES["early_progressor"]], 0.1)[0]
+    no_pd_first = 1 - scipy.special.expit(math.log(1.5 / 1.2) / 0.1) * scipy.special.expit((20 - 5) / 0.5)
+    assert p[oc.CR] + p[oc.PR] + p[oc.SD] == pytest.approx(no_pd_first, rel=1e-8)  # disease control
+    assert p[oc.SD] < 0.1  # the noisy-OR over scans gave 0.61
+
+
+def test_soft_detection_limit_and_reappearance():
+    lesion_gone = on_grid([100, 4, 4, 4, 4, 4, 4])
+    lesion_seen = on_grid([50, 6, 6, 6, 6, 6, 6])
+    lesion_back = on_grid([50, 4, 4, 8, 8, 8, 8])
+    cases = [(np.stack([lesion_gone, lesion_gone], axis=1), oc.CR),
+             (np.stack([lesion_gone, lesion_seen], axis=1), oc.PR),
+             (np.stack([lesion_gone, lesion_back], axis=1), oc.CR)]  # CR, then PD at day 168
+    for diameters, expected in cases:
+        hard = oc.best_overall_response(oc.recist_assessments(DAYS, diameters)).category[0]
+        assert hard == expected
+        p = np.asarray(oc.soft_best_response_probabilities(DAYS, jnp.asarray(diameters), temperature=0.001))[0]
+        assert p[expected] > 1 - 1e-6
+    pf = oc.soft_progression_free_probability(DAYS, jnp.asarray(cases[2][0]), [112.0, 168.0], temperature=0.001)
+    np.testing.assert_allclose(np.asarray(pf)[0], [1.0, 0.0], atol=1e-6)
+    # a 2 mm limit sees the 4 mm lesions: no CR, PR by the sum
+    p = oc.soft_best_response_probabilities(DAYS, jnp.asarray(cases[0][0]), temperature=0.001, detection_limit_mm=2.0)
+    assert float(p[0, oc.PR]) > 1 - 1e-6
 
 
 def test_soft_pfs_death_hazard_scales_by_expected_survival():

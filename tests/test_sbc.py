@@ -83,14 +83,20 @@ def test_simulated_data_follow_the_predicted_probabilities(small):
     counts = np.array([s[0]["counts"] for s in sims])
     responders = np.array([float(s[1]["responders"]) for s in sims])
     pfs = np.array([s[1]["pfs"] for s in sims])
-    assert np.all(counts.sum(1) == 80) and np.all(np.diff(pfs, axis=1) <= 0) and np.all(pfs[:, 0] <= 80)
+    t0, t1 = small.terms
+    # effective sizes: 1 / (1/80 + 1/16) = 13.3 -> 13 for the response terms
+    assert t0.response_n == 13 and t1.response_n == 13
+    assert np.all(counts.sum(1) == t0.response_n) and np.all(pfs <= np.asarray(t1.pfs_at_risk))
     p = np.clip(np.asarray(pred.response[0, :4]), 1e-9, None)
-    np.testing.assert_allclose(counts.mean(0), 80 * p / p.sum(), atol=4 * math.sqrt(80 * 0.25 / 300) + 1e-9)
+    n0 = t0.response_n
+    np.testing.assert_allclose(counts.mean(0), n0 * p / p.sum(), atol=4 * math.sqrt(n0 * 0.25 / 300) + 1e-9)
     orr = float(pred.response[1, 0] + pred.response[1, 1])
-    assert abs(responders.mean() - 80 * orr) < 4 * math.sqrt(80 * orr * (1 - orr) / 300) + 1e-9
-    origin, idx = small._index[1]
-    s = np.asarray(pred.pfs[1])[idx] / float(pred.pfs[1, origin])
-    assert abs(pfs[:, -1].mean() - 80 * s[-1]) < 4 * math.sqrt(80 * 0.25 / 300)
+    assert abs(responders.mean() - 13 * orr) < 4 * math.sqrt(13 * orr * (1 - orr) / 300) + 1e-9
+    # PFS: one binomial per interval, of the interval's effective number at risk
+    q = np.asarray(small.pfs_conditionals(pred, 1))
+    m = np.asarray(t1.pfs_at_risk)
+    assert q.shape == (2,) and np.all((0 < q) & (q < 1))
+    np.testing.assert_array_less(np.abs(pfs.mean(0) - m * q), 4 * np.sqrt(m * 0.25 / 300))
 
 
 def test_sbc_script_runs_end_to_end(tmp_path):

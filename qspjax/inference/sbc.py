@@ -11,10 +11,13 @@ replicate are drawn from the same likelihood the problem scores (its arms' *stru
 template; their printed counts are ignored):
 
 * response: CR/PR/SD/PD counts ~ Multinomial(N, p[:4] renormalised) when the arm has
-  ``response_counts``, otherwise responders ~ Binomial(N, P(CR) + P(PR)) when it has ``responders``;
-* PFS at the arm's landmark days: the chain of conditional binomials of
-  :meth:`Problem.arm_log_likelihoods`, k_1 ~ Bin(N, S_1), k_{j+1} ~ Bin(k_j, S_{j+1} / S_j), with S
-  the predicted progression-free curve normalised at the arm's outcome origin.
+  ``response_counts``, otherwise responders ~ Binomial(N, P(CR) + P(PR)) when it has ``responders``,
+  N the effective size of :class:`~qspjax.inference.likelihood.ArmTerms` (``response_n``);
+* PFS: for each scored interval, the number progression-free at its end ~ Binomial(m_j, q_j), with
+  m_j the interval's effective number at risk (``pfs_at_risk``, fixed by the template's printed
+  data: censoring and the virtual cohort's Monte-Carlo error) and q_j the predicted conditional
+  progression-free probability (:meth:`Problem.pfs_conditionals`: from the first scan when the
+  PD count conditions the intervals), independently across intervals, as the likelihood scores them.
 
 The data enter NUTS as traced arguments of the potential (:func:`nuts_sampler`: numpyro's NUTS
 kernel in one jitted ``lax.scan``): one compilation serves every replicate. One chain per replicate; the ``samples`` post-warmup draws are thinned by
@@ -42,35 +45,25 @@ from qspjax.inference.likelihood import Problem
 # ---------------------------------------------------------------------------------------------
 # Data as traced arrays, and the likelihood over them
 # ---------------------------------------------------------------------------------------------
-def _pfs_probabilities(problem: Problem, pred, i: int) -> np.ndarray:
-    """The predicted progression-free fraction at arm ``i``'s landmarks, from its outcome origin."""
-    return np.clip(np.asarray(problem.landmark_pfs(pred, i)), 0.0, 1.0)
-
-
 def simulate_data(problem: Problem, theta, rng: np.random.Generator) -> tuple[dict, ...]:
     """One data set per arm of ``problem`` at ``theta`` (D,), from the likelihood the problem scores.
 
-    Per arm a dict of float arrays: ``counts`` (4,) or ``responders`` () and ``pfs`` (P,), with the
-    same keys as the arm's template data has endpoints.
+    Per arm a dict of float arrays: ``counts`` (4,) or ``responders`` () and ``pfs`` (J,), with the
+    same keys as the arm's template data has endpoints (:meth:`Problem.observed_data`).
     """
     pred = problem.predict(jnp.asarray(theta))
     data = []
-    for i, a in enumerate(problem.arms):
+    for i, (t, template) in enumerate(zip(problem.terms, problem.observed_data())):
         d = {}
         p = np.asarray(pred.response[i])
-        if a.response_counts is not None:
+        if "counts" in template:
             q = np.clip(p[:4], 1e-9, None)
-            d["counts"] = rng.multinomial(a.n, q / q.sum()).astype(float)
-        elif a.responders is not None:
-            d["responders"] = np.asarray(float(rng.binomial(a.n, np.clip(p[0] + p[1], 0.0, 1.0))))
-        if a.pfs_days:
-            s = _pfs_probabilities(problem, pred, i)
-            at_risk, s_prev, ks = a.n, 1.0, []
-            for sj in s:
-                k = int(rng.binomial(at_risk, min(1.0, sj / max(s_prev, 1e-12))))
-                ks.append(k)
-                at_risk, s_prev = k, sj
-            d["pfs"] = np.asarray(ks, float)
+            d["counts"] = rng.multinomial(t.response_n, q / q.sum()).astype(float)
+        elif "responders" in template:
+            d["responders"] = np.asarray(float(rng.binomial(t.response_n, np.clip(p[0] + p[1], 0.0, 1.0))))
+        if "pfs" in template:
+            q = np.clip(np.asarray(problem.pfs_conditionals(pred, i)), 0.0, 1.0)
+            d["pfs"] = rng.binomial(np.asarray(t.pfs_at_risk), q).astype(float)
         data.append(d)
     return tuple(data)
 
