@@ -35,7 +35,7 @@ import numpy as np
 
 from qspjax.errors import QSPValidationError
 from qspjax.regimen import Regimen, compile_schedule, timeline_points
-from qspjax.simulate import STATUS_NAMES, STATUS_OK, SolverConfig, over_devices, per_device, simulate_patient
+from qspjax.simulate import STATUS_OK, SolverConfig, over_devices, per_device, simulate_patient
 
 REASON_NEVER_CONTROLLED = "never controlled under full regimen"
 REASON_NEEDS_LATE_DOSES = "needs doses after the last stop day with enough follow-up before the horizon"
@@ -348,7 +348,7 @@ def summarise(result: StopTimeResult) -> dict[str, Any]:
     risk = []
     for k in range(0, len(result.dose_days) + 1):
         regrow = result.full_controlled & (need > k)
-        risk.append({"stop_after_dose": k, "stop_day": float(result.dose_days[k - 1]) if k else 0.0,
+        risk.append({"stop_after_dose": k, "stop_day": float(result.dose_days[k - 1]) if k else None,
                      "doses_spared": result.doses_scheduled - k,
                      "regrowth_fraction_of_controlled": float(regrow.sum() / n_ctrl) if n_ctrl else None,
                      "controlled_fraction_of_cohort": float((result.full_controlled & ~regrow).sum() / n)})
@@ -439,9 +439,9 @@ def plot_stop_times(path: Path, result: StopTimeResult, summary: dict[str, Any])
         b.hist(spared, bins=np.arange(spared.min() - 0.5, spared.max() + 1.5), color="#91cf60", edgecolor="k")
     b.set(xlabel=f"doses spared (of {result.doses_scheduled} scheduled)", ylabel="patients",
           title=f"doses spared ({len(spared)} of {n} patients have a safe stop)")
-    risk = summary["risk"]["by_stop_dose"]
-    days = [r["stop_day"] for r in risk]
-    c.step(days, [r["regrowth_fraction_of_controlled"] or 0.0 for r in risk], where="post", color="#d73027")
+    risk = [r for r in summary["risk"]["by_stop_dose"] if r["stop_day"] is not None]  # k = 0: no antibody at all
+    c.step([r["stop_day"] for r in risk], [r["regrowth_fraction_of_controlled"] or 0.0 for r in risk], where="post",
+           color="#d73027")
     c.set(xlabel="everyone stops after the dose of day", ylabel="regrowth among controlled patients",
           ylim=(0, 1.02), title="risk of a one-size stop")
     fig.suptitle(f"{result.regimen.name}: earliest safe antibody stop (horizon {result.days:g} days)")
@@ -477,7 +477,8 @@ def stop_time_table(summary: dict[str, Any]) -> str:
              f"{f(s['q90'])} |"]
     at = summary["risk"]["at_median_stop"]
     if at is not None:
-        lines.append(f"| regrowth if everyone stopped at the median stop (day {at['stop_day']:g}) | "
+        lines.append(f"| regrowth if everyone stopped after dose {at['stop_after_dose']} (the median stop, day "
+                     f"{at['stop_day'] if at['stop_day'] is not None else 'before the first dose'}) | "
                      f"{f(100 * (at['regrowth_fraction_of_controlled'] or 0), '{:.0f}')} % of controlled |")
     for reason, count in summary["no_safe_stop_reasons"].items():
         lines.append(f"| no safe stop: {reason} | {count} |")
