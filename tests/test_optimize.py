@@ -122,3 +122,59 @@ def test_smooth_schedule_matches_the_compiled_regimen_file():
     assert float(cons["normal_tissue_bed_gy"]) == pytest.approx(3 * 8 * (1 + 8 / 3))
     assert float(cons["overall_treatment_time_days"]) == pytest.approx(4.0)
     assert float(cons["total_antibody_mg"]) == pytest.approx(240.0 * 4)  # days 0, 14, 28 and 42 (the horizon)
+
+
+# ---------------------------------------------------------------------------------------------
+# The search itself, on an analytic objective (no solver): ascent, rounding, restoration, checks
+# ---------------------------------------------------------------------------------------------
+class _AnalyticObjective:
+    """Tumor LQ effect of the relaxed course, sum_j w_j (a d + b d^2) with a/b = 10 Gy, as a
+    stand-in for the cohort objective: same interface as ``CohortObjective``."""
+
+    def __init__(self, space):
+        import jax
+        import jax.numpy as jnp
+
+        from qspjax.analysis.optimize import _fraction_weights, closed_form_constraints, penalty, values_of
+
+        self.space, self.evaluations = space, 0
+
+        def f(x):
+            v = values_of(space, x)
+            d = v["rt_dose_per_fraction_gy"]
+            value = jnp.sum(_fraction_weights(space, v["rt_fractions"]) * (0.3 * d + 0.03 * d**2)) / 10.0
+            cons = closed_form_constraints(space, v)
+            cons["lymphocyte_nadir_fraction"] = jnp.asarray(1.0)
+            return value - penalty(space, cons), (value, cons)
+
+        self._vg = jax.jit(jax.value_and_grad(f, has_aux=True))
+
+    def evaluate(self, x, lesion_index=0):
+        self.evaluations += 1
+        (pv, (v, cons)), g = self._vg(np.asarray(x, dtype=float))
+        aux = {"constraints": {k: float(c) for k, c in cons.items()}, "status": np.zeros(2, int), "hard_nadir": 1.0}
+        return float(pv), float(v), aux, np.asarray(g)
+
+    def value(self, x, lesion_index=0):
+        return self.evaluate(x, lesion_index)[1:3]
+
+    def penalised_value_and_grad(self, x, lesion_index=0):
+        return self.evaluate(x, lesion_index)
+
+
+def test_search_on_analytic_objective_lands_on_the_constraint_like_a_grid():
+    from qspjax.analysis.optimize import optimize, parse_space
+
+    space = parse_space(_space(optimizer={"steps": 60, "learning_rate": 0.3, "penalty": 50}), "t")
+    objective = _AnalyticObjective(space)
+    best = optimize(objective).best
+    d, n = best.x
+    # fractions of 6.39 Gy x 3 (BED 60 exactly) beat 8.08 Gy x 2 and 12 Gy x 1 in tumor effect
+    assert n == 3 and best.feasible
+    assert 3 * d * (1 + d / 3) == pytest.approx(60.0, rel=1e-6) and 3 * d * (1 + d / 3) <= 60.0 * (1 + 1e-12)
+    assert d == pytest.approx((-3 + np.sqrt(9 + 12 * 20)) / 2, rel=1e-6)  # d^2 + 3 d - 60 = 0
+    grid = [(dd, nn) for nn in (1, 2, 3) for dd in np.arange(4.0, 16.0 + 1e-9, 1.0) if nn * dd * (1 + dd / 3) <= 60]
+    values = [objective.value(np.array([dd, float(nn)]))[0] for dd, nn in grid]
+    top = [(dd, nn) for (dd, nn), val in zip(grid, values) if val >= max(values) - 1e-12]
+    assert (6.0, 3) in top  # tied with (8 Gy, 2): 3 (1.8 + 1.08) = 2 (2.4 + 1.92)
+    assert any(nn == n and abs(d - dd) <= 1.0 for dd, nn in top) and best.value >= max(values)

@@ -606,10 +606,14 @@ def optimize(objective: CohortObjective, *, x0: np.ndarray | None = None, steps:
     highs = np.array([v.high for v in free])
     steps = space.optimizer.steps if steps is None else steps
     x0 = initial_point(space) if x0 is None else np.asarray(x0, dtype=float)
+    # start inside the closed-form constraints: a start far outside them makes a penalty gradient
+    # that dominates Adam's second-moment estimate for many steps
+    x0 = restore(space, x0) if free and restore(space, x0) is not None else x0
     x0 = np.clip(x0, lows + 1e-6 * (highs - lows), highs - 1e-6 * (highs - lows))
     # x = low + (high - low) sigmoid(u): the box is never left; Adam's steps are in u.
     u = np.log((x0 - lows) / (highs - x0)) if free else np.zeros(0)
-    opt = optax.adam(space.optimizer.learning_rate)
+    # a short second-moment memory: the gradient's scale changes as constraints become active
+    opt = optax.adam(space.optimizer.learning_rate, b1=0.8, b2=0.9)
     state = opt.init(jnp.asarray(u))
     lesions = range(len(space.lesion.choices)) if space.lesion.free else [0]
     history: list[dict[str, Any]] = []
