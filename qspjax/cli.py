@@ -20,6 +20,8 @@ _COMMAND_MODULES = (
     "qspjax.commands.fit",
     "qspjax.commands.export",
     "qspjax.data.commands",
+    "qspjax.commands.stop_time",
+    "qspjax.commands.optimize",
 )
 
 

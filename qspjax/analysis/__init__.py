@@ -1,0 +1,1 @@
+"""Analyses built on the model: sensitivity of clinical endpoints, treatment decisions."""
