@@ -21,7 +21,6 @@ confirmation checks the two neighbours of the answer, not every dose count.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -390,29 +389,11 @@ def summarise(result: StopTimeResult) -> dict[str, Any]:
     }
 
 
-def strict_json(obj: Any) -> Any:
-    """``obj`` with numpy scalars as Python numbers and non-finite floats as None (strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict_json(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return strict_json(obj.tolist())
-    if isinstance(obj, (np.bool_, bool)):
-        return bool(obj)
-    if isinstance(obj, (np.integer, int)):
-        return int(obj)
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def write_json(path: Path, obj: Any) -> None:
-    from qspjax.io import atomic_write_text
+    """Strict JSON (non-finite numbers as null with a reason), written atomically."""
+    from qspjax.io import atomic_write_json
 
-    atomic_write_text(path, json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n")
+    atomic_write_json(path, obj)
 
 
 def plot_stop_times(path: Path, result: StopTimeResult, summary: dict[str, Any]) -> Path:

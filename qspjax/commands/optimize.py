@@ -86,13 +86,13 @@ def run(args: argparse.Namespace) -> int:
     space = load_space(args.space)  # refused here, before anything is computed
     experiment = load_experiment(args.experiment or CONFIG_DIR.parent / DEFAULT_EXPERIMENT)
     drugs = tuple(dict.fromkeys([space.drug] + [d for p in experiment.protocols for d in p.regimen.drugs]))
-    extra, population_file = model_files(args)
-    params = load_parameters(args.params, extra)
-    spec = load_population(population_file)
+    choice = model_files(args)
+    params = load_parameters(choice.main, choice.extra)
+    spec = load_population(choice.population)
     out = prepare_out_dir(args.out, args.overwrite)
     holdout_seed = args.seed + 1 if args.holdout_seed is None else args.holdout_seed
     n_holdout = args.holdout_patients or args.patients
-    prov = provenance(config=config_of(args) | {"params_extra_used": extra, "population_used": population_file,
+    prov = provenance(config=config_of(args) | {"calibration": choice.record(),
                                                 "holdout_seed_used": holdout_seed}, seed=args.seed)
     config = SolverConfig(rtol=args.rtol, atol=args.rtol * 1e-3)
     t0 = time.perf_counter()

@@ -7,21 +7,13 @@ import math
 import time
 from pathlib import Path
 
+from qspjax.commands import _model_options as model_options
 from qspjax.errors import QSPValidationError
-
-CALIBRATED_PARAMS = "configs/params/calibrated/advanced_params.yaml"
-CALIBRATED_POPULATION = "configs/params/calibrated/advanced_population.yaml"
-
 
 def add_model_arguments(p: argparse.ArgumentParser, default_rtol: float = 1e-5) -> None:
     """Model, population and solver flags shared by ``stop-time`` and ``optimize``: the calibrated
-    model (``configs/params/calibrated/``) is the default."""
-    p.add_argument("--params", default=None, help="main parameter file (default configs/params/qspio_example1.yaml)")
-    p.add_argument("--params-extra", action="append", default=None, metavar="FILE",
-                   help=f"parameter file applied over the main one; repeatable (default {CALIBRATED_PARAMS})")
-    p.add_argument("--population", default=None, help=f"population file (default {CALIBRATED_POPULATION})")
-    p.add_argument("--uncalibrated", action="store_true",
-                   help="use the uncalibrated defaults (no parameter overlay, configs/params/population.yaml)")
+    model is the default, resolved as for every command (:mod:`qspjax.commands._model_options`)."""
+    model_options.add_arguments(p)
     p.add_argument("--patients", type=int, default=32, help="virtual patients (default 32)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the virtual population (default 0)")
     p.add_argument("--chunk", type=int, default=32, help="solves per compiled batch (default 32)")
@@ -30,16 +22,9 @@ def add_model_arguments(p: argparse.ArgumentParser, default_rtol: float = 1e-5) 
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
 
 
-def model_files(args) -> tuple[list[str], str | None]:
-    """(parameter overlays, population file) the flags select, resolved against the repository."""
-    from qspjax.params import CONFIG_DIR
-
-    root = CONFIG_DIR.parent
-    if args.uncalibrated:
-        return list(args.params_extra or []), args.population
-    extra = args.params_extra if args.params_extra is not None else [str(root / CALIBRATED_PARAMS)]
-    population = args.population if args.population is not None else str(root / CALIBRATED_POPULATION)
-    return list(extra), population
+def model_files(args) -> model_options.ModelChoice:
+    """The parameter and population files the flags select (see :mod:`qspjax.commands._model_options`)."""
+    return model_options.resolve(args)
 
 
 def check_model_arguments(args) -> None:
@@ -119,12 +104,11 @@ def run(args: argparse.Namespace) -> int:
                                  f"the first antibody dose must fall at least --min-follow-up ({args.min_follow_up:g}) "
                                  f"days before the horizon ({args.days:g})")
     criterion = StopCriterion(args.burden_threshold_mm, args.trend_window, args.min_follow_up, args.confirm_days)
-    extra, population_file = model_files(args)
-    params = load_parameters(args.params, extra)
-    spec = load_population(population_file)
+    choice = model_files(args)
+    params = load_parameters(choice.main, choice.extra)
+    spec = load_population(choice.population)
     out = prepare_out_dir(args.out, args.overwrite)
-    prov = provenance(config=config_of(args) | {"params_extra_used": extra, "population_used": population_file},
-                      seed=args.seed)
+    prov = provenance(config=config_of(args) | {"calibration": choice.record()}, seed=args.seed)
     config = SolverConfig(rtol=args.rtol, atol=args.rtol * 1e-3)
     t0 = time.perf_counter()
     population = build_population(params, args.patients, args.seed, regimen.drugs, spec=spec, config=config,
