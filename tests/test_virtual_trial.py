@@ -316,6 +316,12 @@ def test_published_rate_is_checked_against_the_trials_sampling_error_not_the_coh
     assert outside["predictive_p_value"] == pytest.approx(2 * binom.sf(10), rel=0.02) and outside["predictive_p_value"] < 0.05
     rows = compare_with_published(summary, {"n": 20, "orr": 0.45, "cr": 0.05})
     assert rows["cr"]["inside_predictive_interval"] is True and "predictive_interval" not in rows["sd"]
+    # with posterior draws the interval mixes over their cohorts: a draw at 60 % widens it to 55 %
+    draws = [dict(summary), dict(summary, orr=0.6, n_evaluated=10_000)]
+    mixed = compare_with_published(summary, {"n": 20, "orr": 0.55}, draws=draws)["orr"]
+    assert mixed["predictive_over"] == "2 posterior draws" and mixed["inside_predictive_interval"] is True
+    assert mixed["predictive_interval"] == (scipy.stats.binom.ppf(0.05, 20, 0.3) / 20,
+                                           scipy.stats.binom.ppf(0.95, 20, 0.6) / 20)
 
 
 def test_ninety_percent_cis_stay_ninety_percent():
