@@ -2,8 +2,11 @@
 per-patient tables and plots, and the comparison of several protocols on one virtual population.
 
 A trial arm is simulated by :mod:`qspjax.runner` (screened population, one regimen); this module
-turns its lesion diameters into the endpoints a trial reports (:func:`evaluate`), reads the
-published endpoints of a dataset arm in the same units (:func:`published_endpoints`) and writes
+turns its lesion diameters into the endpoints a trial reports (:func:`evaluate`, from the arm's
+outcome origin, best response or a fixed-time read), reads the published endpoints of a dataset
+arm in the same units and at their own CI level (:func:`published_endpoints`), checks each printed
+rate against the interval a trial of its size would show at the simulated rate
+(:func:`compare_with_published`) and writes
 what a user looks at (:func:`write_trial`, :func:`write_comparison`). Experiment files
 (``configs/experiments/``) list protocols to compare; :func:`load_experiment` validates them.
 """
@@ -237,7 +240,7 @@ def trial_predictive_interval(successes: float | Sequence[float], evaluated: flo
     """
     x = np.atleast_1d(np.asarray(successes, dtype=float))
     m = np.atleast_1d(np.asarray(evaluated, dtype=float))
-    if isinstance(n_trial, bool) or int(n_trial) != n_trial or n_trial < 1:
+    if isinstance(n_trial, bool) or not isinstance(n_trial, (int, np.integer)) or n_trial < 1:
         raise QSPValidationError("published", "n", n_trial, "a positive whole number of trial patients")
     if not 0.0 < level < 1.0:
         raise QSPValidationError("comparison", "level", level, "a probability in (0, 1)")
