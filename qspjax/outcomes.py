@@ -286,6 +286,42 @@ def best_overall_response(
     return BestResponse(category, best, response_day, progression_day, last_day, ok)
 
 
+def response_at_day(
+    times_days: Float[ArrayLike, "time"],
+    diameters_mm: Float[ArrayLike, "patients lesions time"] | Float[ArrayLike, "patients time"],
+    day: float,
+    target_mask: Bool[ArrayLike, "lesions"] | Bool[ArrayLike, "patients lesions"] | None = None,
+    status_ok: Bool[ArrayLike, "patients"] | None = None,
+    *,
+    assessment_interval_days: float = 56.0,
+    detection_limit_mm: float = DETECTION_LIMIT_MM,
+    sd_min_days: float = SD_MIN_DAYS,
+) -> Int[np.ndarray, "patients"]:
+    """RECIST category read at one fixed time (a trial that reports "response at 2.9 months").
+
+    A scan at ``day`` (relative to ``times_days[0]``, the baseline) after the scheduled scans
+    before it (every ``assessment_interval_days``), which set the nadir: PD if that scan or an
+    earlier one reads PD, otherwise the scan's own CR/PR/SD (not the best of the follow-up);
+    SD before ``sd_min_days`` reads NE, as failed patients do. No confirmation.
+    """
+    t = np.asarray(times_days, dtype=float)
+    span = float(t[-1] - t[0])
+    try:
+        day = float(day)
+    except (TypeError, ValueError):
+        day = math.nan
+    if not (math.isfinite(day) and 0.0 < day <= span * (1 + _TIE_RTOL)):
+        raise QSPValidationError("outcomes", "day", day, f"a fixed response time within (0, {span:g}] days of baseline")
+    earlier = assessment_interval_days * np.arange(1, int(math.ceil(day / assessment_interval_days)) + 1)
+    scans = np.append(earlier[earlier < day * (1 - _TIE_RTOL)], day)
+    a = recist_assessments(t, diameters_mm, target_mask, status_ok, assessment_days=scans,
+                           detection_limit_mm=detection_limit_mm)
+    at_day = a.category[:, -1]
+    early_sd = (at_day == SD) & (day < sd_min_days * (1 - _TIE_RTOL))
+    category = np.where((a.category == PD).any(axis=1), PD, np.where(early_sd, NE, at_day))
+    return np.where(a.status_ok, category, NE).astype(int)
+
+
 # =============================================================================================
 # Time-to-event endpoints
 # =============================================================================================

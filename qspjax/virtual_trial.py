@@ -2,8 +2,11 @@
 per-patient tables and plots, and the comparison of several protocols on one virtual population.
 
 A trial arm is simulated by :mod:`qspjax.runner` (screened population, one regimen); this module
-turns its lesion diameters into the endpoints a trial reports (:func:`evaluate`), reads the
-published endpoints of a dataset arm in the same units (:func:`published_endpoints`) and writes
+turns its lesion diameters into the endpoints a trial reports (:func:`evaluate`, from the arm's
+outcome origin, best response or a fixed-time read), reads the published endpoints of a dataset
+arm in the same units and at their own CI level (:func:`published_endpoints`), checks each printed
+rate against the interval a trial of its size would show at the simulated rate
+(:func:`compare_with_published`) and writes
 what a user looks at (:func:`write_trial`, :func:`write_comparison`). Experiment files
 (``configs/experiments/``) list protocols to compare; :func:`load_experiment` validates them.
 """
@@ -15,9 +18,10 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+import scipy.stats
 import yaml
 
 from qspjax import outcomes as oc
@@ -37,13 +41,38 @@ class Assessment:
 
     ``target``: which lesions are RECIST target lesions: ``all`` or ``non_irradiated`` (trials
     such as PEMBRO-RT assessed response outside the radiation field). ``death_rate_per_day``:
-    an optional constant competing death hazard for PFS.
+    an optional constant competing death hazard for PFS. ``origin_day``: the regimen day the
+    trial's outcome clock starts at (an arm's ``outcome_origin_day``, e.g. PACIFIC's randomisation
+    after chemoradiation): the RECIST baseline is the tumour at that day, scans come every
+    ``interval_days`` from it and PFS is counted from it. ``detection_limit_mm``: below it a
+    lesion reads as gone. ``orr_assessment_day``: days after the origin at which the trial read
+    its response rates (e.g. "response at 2.9 months"); None: best overall response.
     """
 
     interval_days: float = 56.0
     target: str = "all"
     confirm: bool = False
     death_rate_per_day: float = 0.0
+    origin_day: float = 0.0
+    detection_limit_mm: float = oc.DETECTION_LIMIT_MM
+    orr_assessment_day: float | None = None
+
+    def __post_init__(self):
+        def number(name, value, ok, allowed):
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+                    or not math.isfinite(value) or not ok(float(value)):
+                raise QSPValidationError("assessment", name, value, allowed)
+
+        number("interval_days", self.interval_days, lambda v: v > 0, "a positive number of days")
+        if self.target not in TARGET_LESIONS:
+            raise QSPValidationError("assessment", "target", self.target, f"one of {list(TARGET_LESIONS)}")
+        number("death_rate_per_day", self.death_rate_per_day, lambda v: v >= 0, "a non-negative rate per day")
+        number("origin_day", self.origin_day, lambda v: v >= 0, "a regimen day >= 0")
+        number("detection_limit_mm", self.detection_limit_mm, lambda v: v > 0,
+               "a positive, finite diameter in mm (RECIST 1.1 default: 5)")
+        if self.orr_assessment_day is not None:
+            number("orr_assessment_day", self.orr_assessment_day, lambda v: v > 0,
+                   "a positive number of days after the origin, or None (best overall response)")
 
 
 @dataclass
@@ -58,23 +87,59 @@ class TrialOutcome:
     km: oc.KaplanMeier
 
 
+def _origin_index(days: np.ndarray, origin_day: float) -> int:
+    """Index of the grid point nearest ``origin_day`` (the RECIST baseline), refused if the grid
+    ends on or before it."""
+    if not origin_day < days[-1]:
+        raise QSPValidationError("assessment", "origin_day", origin_day,
+                                 f"must come before the last simulated day ({days[-1]:g})")
+    return int(np.argmin(np.abs(days - origin_day)))
+
+
 def evaluate(result: CohortResult, assessment: Assessment = Assessment(), seed: int = 0) -> TrialOutcome:
     """RECIST endpoints of ``result``: ORR, DCR, CR/PR/SD/PD, PFS (KM, median and CI), duration
-    of response, out-of-field response of the non-irradiated lesion, pathological response."""
-    diam_mm = 10.0 * np.moveaxis(result.observables["tumor_diameter_cm"], 2, 1)  # (P, L, T)
+    of response, out-of-field response of the non-irradiated lesion, pathological response.
+
+    Everything is read from ``assessment.origin_day`` on (baseline there, scans every interval
+    after it, days in the summary counted from it). With ``assessment.orr_assessment_day`` the
+    rates (``orr``, ``dcr``, ``cr`` ... ``ne``) are the RECIST reads at that fixed time
+    (:func:`qspjax.outcomes.response_at_day`) and the best-overall-response rates move to
+    ``best_overall_response_rates``.
+    """
+    days = np.asarray(result.days, dtype=float)
+    i0 = _origin_index(days, float(assessment.origin_day))
+    times = days[i0:]
+    diam_mm = 10.0 * np.moveaxis(result.observables["tumor_diameter_cm"], 2, 1)[:, :, i0:]  # (P, L, T from origin)
     n_lesions = diam_mm.shape[1]
     if assessment.target == "non_irradiated" and n_lesions < 2:
         raise QSPValidationError("assessment", "target", assessment.target, "needs a model with two lesions")
     target = np.ones(n_lesions, bool) if assessment.target == "all" else np.arange(n_lesions) == 1
     ok = result.status == 0
+    viable = result.viable_fraction_at_surgery
     arm = oc.arm_endpoints(
-        result.days, diam_mm, ok, target_mask=target, assessment_interval_days=assessment.interval_days,
+        times, diam_mm, ok, target_mask=target, assessment_interval_days=assessment.interval_days,
+        detection_limit_mm=assessment.detection_limit_mm,
         confirm=assessment.confirm, death_rate_per_day=assessment.death_rate_per_day, seed=seed,
         out_of_field_lesion=1 if n_lesions > 1 else None,
-        viable_fraction=result.viable_fraction_at_surgery if np.any(np.isfinite(result.viable_fraction_at_surgery))
-        else None,
+        viable_fraction=viable if viable is not None and np.any(np.isfinite(viable)) else None,
     )
     summary, reads, best, pfs, km = arm.summary, arm.assessments, arm.best, arm.pfs, arm.km
+    fixed = None
+    if assessment.orr_assessment_day is not None:
+        fixed = oc.response_at_day(times, diam_mm, assessment.orr_assessment_day, target, ok,
+                                   assessment_interval_days=assessment.interval_days,
+                                   detection_limit_mm=assessment.detection_limit_mm)
+        summary["best_overall_response_rates"] = {k: summary[k] for k in ("orr", "orr_ci", "dcr", "dcr_ci")} | {
+            name.lower(): summary[name.lower()] for name in oc.RESPONSE_NAMES.values()}
+        orr = oc.rate((fixed == oc.CR) | (fixed == oc.PR), ok)
+        dcr = oc.rate((fixed == oc.CR) | (fixed == oc.PR) | (fixed == oc.SD), ok)
+        summary.update(orr=orr.estimate, orr_ci=(orr.ci_low, orr.ci_high), dcr=dcr.estimate,
+                       dcr_ci=(dcr.ci_low, dcr.ci_high))
+        for code, name in oc.RESPONSE_NAMES.items():
+            summary[name.lower()] = oc.rate(fixed == code, ok).estimate
+        summary["response_read"] = f"RECIST read at day {assessment.orr_assessment_day:g} after the outcome origin"
+    else:
+        summary["response_read"] = "best overall response over the follow-up"
     dor = oc.duration_of_response(best)
     responders = np.isfinite(dor.days)
     if responders.any():
@@ -83,23 +148,31 @@ def evaluate(result: CohortResult, assessment: Assessment = Assessment(), seed: 
         summary["responders_censored"] = int((~dor.event[responders]).sum())
     summary["median_pfs_months"] = summary["median_pfs_days"] / DAYS_PER_MONTH
     summary["status_counts"] = status_counts(result.status)
-    summary["assessment"] = vars(assessment) | {"days": reads.days.tolist()}
+    summary["assessment"] = vars(assessment) | {"baseline_day": float(times[0]), "days": reads.days.tolist(),
+                                                "days_counted_from": "the outcome origin (baseline_day)"}
     summary["solver"] = {k: v for k, v in result.meta.items() if k != "screening"}
     summary["screening"] = result.meta.get("screening", {})
     rows = []
     for i in range(len(result.status)):
-        rows.append({
+        row = {
             "patient": i,
             "status": "ok" if ok[i] else f"failed({int(result.status[i])})",
             "pdl1_tps_class": int(result.tps_class[i]),
-            "baseline_diameter_irradiated_mm": float(diam_mm[i, 0, 0]),
-            "baseline_diameter_non_irradiated_mm": float(diam_mm[i, 1, 0]) if n_lesions > 1 else math.nan,
+            "baseline_diameter_irradiated_mm": float(10.0 * result.observables["tumor_diameter_cm"][i, 0, 0]),
+            "baseline_diameter_non_irradiated_mm": (float(10.0 * result.observables["tumor_diameter_cm"][i, 0, 1])
+                                                    if n_lesions > 1 else math.nan),
+            "recist_baseline_sum_mm": float(reads.baseline_mm[i]),
             "best_percent_change": float(best.best_percent_change[i]),
             "best_overall_response": oc.RESPONSE_NAMES[int(best.category[i])],
+        }
+        if fixed is not None:
+            row["response_at_orr_assessment"] = oc.RESPONSE_NAMES[int(fixed[i])]
+        row.update({
             "pfs_days": float(pfs.days[i]),
             "progressed": bool(pfs.event[i]),
             "duration_of_response_days": float(dor.days[i]),
         })
+        rows.append(row)
     return TrialOutcome(summary, rows, reads, best, km)
 
 
@@ -109,25 +182,38 @@ def evaluate(result: CohortResult, assessment: Assessment = Assessment(), seed: 
 def published_endpoints(arm) -> dict[str, Any]:
     """The arm's published endpoints in the simulator's units (fractions, days), None if not given.
 
-    The ORR interval is the paper's when printed, otherwise the exact (Clopper–Pearson) binomial
-    interval of responders of N (marked ``orr_ci_source``).
+    Every interval is at the arm's own level, ``ci_level`` (the trial file's ``ci_level_pct`` / 100:
+    0.95 unless the paper printed e.g. 90 % CIs, as NCT02888743 did). The ORR interval is the
+    paper's when printed, otherwise the exact (Clopper–Pearson) binomial interval of responders of
+    N at that level (marked ``orr_ci_source``). ``outcome_origin_day`` and
+    ``orr_assessment_day`` (days after the origin of a fixed-time response read, None for best
+    response) say when the paper read them.
     """
     def frac(pct):
         return None if pct is None else pct / 100.0
 
-    out: dict[str, Any] = {"arm_id": arm.arm_id, "label": arm.label, "n": arm.n}
+    def numeric(ci):
+        return ci is not None and all(isinstance(b, (int, float)) for b in ci)
+
+    level = float(arm.ci_level_pct) / 100.0
+    out: dict[str, Any] = {"arm_id": arm.arm_id, "label": arm.label, "n": arm.n, "ci_level": level,
+                           "outcome_origin_day": float(arm.outcome_origin_day),
+                           "orr_assessment_day": (None if arm.orr_assessment_months is None
+                                                  else float(arm.orr_assessment_months) * DAYS_PER_MONTH)}
     out["orr"] = frac(arm.orr_pct)
-    if arm.orr_ci is not None and all(isinstance(b, (int, float)) for b in arm.orr_ci):
+    if numeric(arm.orr_ci):
         out["orr_ci"] = (frac(arm.orr_ci[0]), frac(arm.orr_ci[1]))
         out["orr_ci_source"] = "published"
     elif arm.responders is not None:
-        out["orr_ci"] = oc.binomial_ci(arm.responders, arm.n)
+        out["orr_ci"] = oc.binomial_ci(arm.responders, arm.n, level)
         out["orr_ci_source"] = "exact binomial of responders/N"
     for key in ("dcr", "cr", "pr", "sd", "pd"):
         out[key] = frac(getattr(arm, f"{key}_pct"))
+    if numeric(arm.dcr_ci):
+        out["dcr_ci"] = (frac(arm.dcr_ci[0]), frac(arm.dcr_ci[1]))
     median = arm.median_pfs_months
     out["median_pfs_days"] = median * DAYS_PER_MONTH if isinstance(median, (int, float)) else None
-    if arm.median_pfs_ci is not None and all(isinstance(b, (int, float)) for b in arm.median_pfs_ci):
+    if numeric(arm.median_pfs_ci):
         out["median_pfs_ci_days"] = tuple(b * DAYS_PER_MONTH for b in arm.median_pfs_ci)
     out["pfs_landmarks"] = {
         float(lm.months * DAYS_PER_MONTH): lm.pct / 100.0
@@ -136,18 +222,88 @@ def published_endpoints(arm) -> dict[str, Any]:
     return out
 
 
-def compare_with_published(summary: Mapping[str, Any], published: Mapping[str, Any]) -> dict[str, Any]:
-    """Simulated and published endpoints side by side, with whether the published ORR lies in
-    the simulated ORR's 95 % interval and the simulated ORR in the published interval."""
-    rows = {}
-    for key in ("orr", "dcr", "cr", "pr", "sd", "pd", "median_pfs_days"):
+PREDICTIVE_LEVEL = 0.95
+_RATES = ("orr", "dcr", "cr", "pr", "sd", "pd")
+
+
+def trial_predictive_interval(successes: float | Sequence[float], evaluated: float | Sequence[float],
+                              n_trial: int, level: float = PREDICTIVE_LEVEL) -> dict[str, Any]:
+    """The rate a trial of ``n_trial`` patients would print if the truth were the simulated cohort's.
+
+    The simulated rate's posterior from ``successes`` of ``evaluated`` virtual patients is Jeffreys'
+    Beta(x + 1/2, M - x + 1/2); the trial's count is Binomial(n_trial, p) under it, so its
+    predictive distribution is Beta-binomial(n_trial, x + 1/2, M - x + 1/2), an equal-weight
+    mixture of them when several cohorts (posterior draws) are given. The interval is
+    [k_lo, k_hi] / n_trial with P(K < k_lo) <= (1 - level)/2 and P(K > k_hi) <= (1 - level)/2, so
+    it covers at least ``level`` and does not shrink below the trial's own binomial spread however
+    large the virtual cohort.
+    """
+    x = np.atleast_1d(np.asarray(successes, dtype=float))
+    m = np.atleast_1d(np.asarray(evaluated, dtype=float))
+    if isinstance(n_trial, bool) or not isinstance(n_trial, (int, np.integer)) or n_trial < 1:
+        raise QSPValidationError("published", "n", n_trial, "a positive whole number of trial patients")
+    if not 0.0 < level < 1.0:
+        raise QSPValidationError("comparison", "level", level, "a probability in (0, 1)")
+    keep = m > 0
+    if not keep.any():
+        return {"lower": None, "upper": None, "level": level, "n_trial": int(n_trial), "cdf": None}
+    k = np.arange(int(n_trial) + 1)
+    pmf = np.mean([scipy.stats.betabinom.pmf(k, int(n_trial), xi + 0.5, mi - xi + 0.5)
+                   for xi, mi in zip(x[keep], m[keep])], axis=0)
+    cdf = np.cumsum(pmf)
+    tail = 0.5 * (1.0 - level)
+    k_lo = int(np.flatnonzero(cdf >= tail - 1e-12)[0])  # P(K <= k_lo - 1) < tail
+    k_hi = int(np.flatnonzero(cdf >= 1.0 - tail - 1e-12)[0])  # P(K > k_hi) <= tail
+    return {"lower": k_lo / n_trial, "upper": k_hi / n_trial, "level": level, "n_trial": int(n_trial), "cdf": cdf}
+
+
+def _predictive_p_value(cdf: np.ndarray, count: int) -> float:
+    """Two-sided predictive p-value of a printed count: 2 min(P(K <= k), P(K >= k)), at most 1."""
+    below = float(cdf[count])
+    above = 1.0 - (float(cdf[count - 1]) if count > 0 else 0.0)
+    return min(1.0, 2.0 * min(below, above))
+
+
+def compare_with_published(summary: Mapping[str, Any], published: Mapping[str, Any],
+                           draws: Sequence[Mapping[str, Any]] | None = None,
+                           level: float = PREDICTIVE_LEVEL) -> dict[str, Any]:
+    """Simulated and published endpoints side by side.
+
+    For every rate the paper prints: the ``predictive_interval`` of a trial of the published N
+    drawn at the simulated rate (:func:`trial_predictive_interval`; over the posterior ``draws``'
+    summaries when given, else the one cohort of ``summary``), ``inside_predictive_interval`` and
+    the printed rate's two-sided ``predictive_p_value``. This is the check: the virtual cohort's
+    own CI (``summary["orr_ci"]``) shrinks with the number of virtual patients while the trial's
+    sampling error does not. Where the paper prints an interval (ORR, DCR, median PFS),
+    ``simulated_inside_published_ci`` says whether the simulated value lies in it, at the arm's
+    own ``published_ci_level``.
+    """
+    rows: dict[str, Any] = {}
+    for key in (*_RATES, "median_pfs_days"):
         rows[key] = {"simulated": summary.get(key), "published": published.get(key)}
-    if published.get("orr") is not None:
-        lo, hi = summary["orr_ci"]
-        rows["orr"]["published_inside_simulated_ci"] = bool(lo <= published["orr"] <= hi)
-        if published.get("orr_ci") is not None:
-            plo, phi = published["orr_ci"]
-            rows["orr"]["simulated_inside_published_ci"] = bool(plo <= summary["orr"] <= phi)
+    n_trial = published.get("n")
+    cohorts = list(draws) if draws else [summary]
+    for key in _RATES:
+        pub = published.get(key)
+        if pub is None or n_trial is None or any(c.get(key) is None for c in cohorts):
+            continue
+        evaluated = [float(c["n_evaluated"]) for c in cohorts]
+        successes = [round(float(c[key]) * e) for c, e in zip(cohorts, evaluated)]
+        pi = trial_predictive_interval(successes, evaluated, n_trial, level)
+        if pi["lower"] is None:
+            continue
+        rows[key]["predictive_interval"] = (pi["lower"], pi["upper"])
+        rows[key]["predictive_level"] = level
+        rows[key]["predictive_n_trial"] = int(n_trial)
+        rows[key]["predictive_over"] = f"{len(cohorts)} posterior draws" if draws else "the virtual cohort"
+        rows[key]["inside_predictive_interval"] = bool(pi["lower"] - 1e-9 <= pub <= pi["upper"] + 1e-9)
+        count = min(int(n_trial), max(0, int(math.floor(pub * n_trial + 0.5))))
+        rows[key]["predictive_p_value"] = _predictive_p_value(pi["cdf"], count)
+    for key, ci_key in (("orr", "orr_ci"), ("dcr", "dcr_ci"), ("median_pfs_days", "median_pfs_ci_days")):
+        ci, sim = published.get(ci_key), summary.get(key)
+        if ci is not None and sim is not None and all(b is not None for b in ci):
+            rows[key]["simulated_inside_published_ci"] = bool(ci[0] <= sim <= ci[1])
+            rows[key]["published_ci_level"] = published.get("ci_level", 0.95)
     return rows
 
 
@@ -164,15 +320,17 @@ def _csv_text(rows: list[dict[str, Any]]) -> str:
 
 def write_trial(out: Path, result: CohortResult, outcome: TrialOutcome, prov: dict,
                 published: Mapping[str, Any] | None = None,
-                extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``patients.csv``, ``summary.json`` (with the published values beside when given, and the
-    entries of ``extra``, e.g. ``posterior_predictive``), ``trajectories.nc``, ``run.json`` and the
-    PNGs waterfall, spider and Kaplan–Meier PFS."""
+                extra: Mapping[str, Any] | None = None,
+                draws: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """``patients.csv``, ``summary.json`` (with the published values and their comparison beside
+    when given, and the entries of ``extra``, e.g. ``posterior_predictive``), ``trajectories.nc``,
+    ``run.json`` and the PNGs waterfall, spider and Kaplan–Meier PFS. ``draws``: the posterior
+    draws' summaries, over which the comparison's predictive intervals then mix."""
     out = Path(out)
     summary = dict(outcome.summary, regimen=result.regimen.name, **(extra or {}))
     if published is not None:
         summary["published"] = published
-        summary["comparison"] = compare_with_published(outcome.summary, published)
+        summary["comparison"] = compare_with_published(outcome.summary, published, draws)
     atomic_write_text(out / "patients.csv", _csv_text(outcome.patients))
     write_trajectories(result, out / "trajectories.nc")
     ok = outcome.best.status_ok
@@ -181,8 +339,12 @@ def write_trial(out: Path, result: CohortResult, outcome: TrialOutcome, prov: di
                     title=f"{title}: best change in sum of target diameters")
     plots.spider(out / "spider.png", outcome.assessments.days, outcome.assessments.percent_change[ok],
                  outcome.best.category[ok], title=f"{title}: change in sum of target diameters")
+    origin = float(outcome.summary["assessment"]["baseline_day"])
+    km_title = f"{title}: progression-free survival" + (f" from day {origin:g}" if origin > 0 else "")
+    if (published or {}).get("median_pfs_ci_days") is not None:
+        km_title += f"\n(observed median with its {100 * published.get('ci_level', 0.95):g} % CI)"
     plots.kaplan_meier_curve(
-        out / "km_pfs.png", outcome.km, title=f"{title}: progression-free survival",
+        out / "km_pfs.png", outcome.km, title=km_title,
         observed_median_days=(published or {}).get("median_pfs_days"),
         observed_median_ci_days=(published or {}).get("median_pfs_ci_days"),
         observed_landmarks=(published or {}).get("pfs_landmarks") or None,

@@ -104,6 +104,7 @@ def run_trial(args: argparse.Namespace) -> int:
     from qspjax.vpop import load_population, target_from_arm
 
     published = target = None
+    origin, orr_day = 0.0, None
     if args.arm:
         from qspjax.data import load_trials
 
@@ -112,12 +113,18 @@ def run_trial(args: argparse.Namespace) -> int:
         days = args.days or float(arm.follow_up_days)
         published = published_endpoints(arm)
         target = None if args.no_match else target_from_arm(arm)
+        origin, orr_day = float(arm.outcome_origin_day), published["orr_assessment_day"]
     else:
         regimen = load_regimen(args.regimen)
         days = args.days or 400.0
     if args.output_every > days:
         raise QSPValidationError("command line", "--output-every", args.output_every, f"must be at most --days ({days:g})")
-    assessment = Assessment(args.assessment_interval, args.target, death_rate_per_day=args.death_rate_per_day)
+    if days <= origin + (orr_day or 0.0):
+        raise QSPValidationError("command line", "--days", days,
+                                 f"must be later than the arm's outcome origin (day {origin:g})"
+                                 + (f" + its response read ({orr_day:g} days)" if orr_day else ""))
+    assessment = Assessment(args.assessment_interval, args.target, death_rate_per_day=args.death_rate_per_day,
+                            origin_day=origin, orr_assessment_day=orr_day)
     choice = model_options.resolve(args)
     params = load_parameters(choice.main, choice.extra)
     spec = load_population(choice.population)  # validated before the output folder is made
@@ -131,7 +138,7 @@ def run_trial(args: argparse.Namespace) -> int:
     if not writer:
         return 0
     outcome = evaluate(result, assessment, seed=args.seed)
-    extra = None
+    extra = per_draw = None
     if draws:
         from tqdm import tqdm
 
@@ -147,7 +154,7 @@ def run_trial(args: argparse.Namespace) -> int:
                                               posterior=args.posterior, draws=len(draws),
                                               method="mixture over draws of Beta(x + 1/2, n - x + 1/2), "
                                                      "same virtual patients under every draw")}
-    summary = write_trial(out, result, outcome, prov, published, extra=extra)
+    summary = write_trial(out, result, outcome, prov, published, extra=extra, draws=per_draw)
     model = "calibrated" if choice.calibrated else "uncalibrated"
     line = (f"{model} model: ORR {100 * summary['orr']:.1f} % "
             f"(95 % CI {100 * summary['orr_ci'][0]:.1f}–{100 * summary['orr_ci'][1]:.1f})")
@@ -157,6 +164,12 @@ def run_trial(args: argparse.Namespace) -> int:
                  f"(95 % CrI {100 * pp['lower']:.1f}–{100 * pp['upper']:.1f}, {pp['draws']} draws)")
     if published and published.get("orr") is not None:
         line += f"; published {100 * published['orr']:.1f} %"
+        check = summary["comparison"]["orr"]
+        if "predictive_interval" in check:
+            lo, hi = check["predictive_interval"]
+            line += (f" ({'inside' if check['inside_predictive_interval'] else 'outside'} the "
+                     f"{100 * check['predictive_level']:g} % predictive interval {100 * lo:.1f}–{100 * hi:.1f} "
+                     f"of a {check['predictive_n_trial']}-patient trial)")
     print(f"{regimen.name}: {summary['n_evaluated']}/{args.patients} patients evaluated; {line}; outputs in {out}")
     return 0
 

@@ -145,6 +145,9 @@ class Arm:
     # outcomes
     ci_level_pct: float = 95.0
     response_assessment_text: str | None = None
+    # months after the outcome origin at which the paper read the response rates ("response at
+    # 2.9 months"); None: best overall response over the follow-up
+    orr_assessment_months: float | None = None
     orr_pct: float | None = None
     orr_ci: Interval | None = None
     dcr_pct: float | None = None
@@ -419,6 +422,7 @@ def _read_arm(r: _Record, nct_id: str, table: int) -> Arm:
         follow_up_text=r.text("follow_up_text"),
         ci_level_pct=r.number("ci_level_pct", lo=50, hi=99.9, what="a confidence level in %") or 95.0,
         response_assessment_text=r.text("response_assessment_text"),
+        orr_assessment_months=_read_orr_assessment(r, origin, follow_up),
         median_pfs_months=r.median("median_pfs_months"),
         median_pfs_ci=r.interval("median_pfs_ci"),
         median_os_months=r.median("median_os_months"),
@@ -442,6 +446,19 @@ def _read_arm(r: _Record, nct_id: str, table: int) -> Arm:
     _check_consistency(r, fields)
     _check_derived(r, derived, fields)
     return Arm(**fields)
+
+
+def _read_orr_assessment(r: _Record, origin: int, follow_up: int) -> float | None:
+    """``orr_assessment_months``: positive, and its day (origin + months) within the follow-up."""
+    months = r.number("orr_assessment_months", lo=0.0, what="a time in months after the outcome origin")
+    if months is None:
+        return None
+    if months <= 0.0:
+        r.fail("orr_assessment_months", months, "a time in months > 0 after the outcome origin is required")
+    if origin + months * DAYS_PER_MONTH > follow_up:
+        r.fail("orr_assessment_months", months,
+               f"must fall within follow_up_days ({follow_up}) counted from outcome_origin_day ({origin})")
+    return months
 
 
 def _check_derived(r: _Record, derived: _Record | None, fields: dict[str, Any]) -> None:
