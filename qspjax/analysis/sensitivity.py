@@ -12,7 +12,7 @@ computes the indices from the first N base points and from all 2N (the first N p
 sequence are themselves a Sobol set): the reported indices are those at 2N, with the largest
 change of any index between N and 2N. Cost: 2N (d + 2) evaluations of ``f``.
 :func:`local_sensitivities` gives normalised sensitivities d log(output) / d log(parameter) of
-a JAX function by one reverse-mode pass per output (``jax.jacrev``), ranked;
+a JAX function by one reverse-mode pass per output (vector-Jacobian products), ranked;
 :func:`finite_difference_sensitivities` is the central-difference check.
 
 **Model-facing**: an analysis file (YAML) names the model, a fixed virtual cohort, the
@@ -334,7 +334,10 @@ def morris_effects(
 class LocalResult:
     """Normalised local sensitivities at a point: ``sensitivity`` (outputs, params) =
     d log(output) / d log(parameter) (NaN where the output is 0), ``derivative`` = d output /
-    d log(parameter), the ``values`` of the outputs there and ``params`` (the point)."""
+    d log(parameter), the ``values`` of the outputs there and ``params`` (the point).
+    ``absolute`` (outputs,) marks outputs read as ``derivative`` (differences such as an ORR gain,
+    which may be near 0 or change sign, so a relative change means nothing); the others are read
+    as ``sensitivity`` unless their value is 0."""
 
     names: list[str]
     outputs: list[str]
@@ -342,22 +345,31 @@ class LocalResult:
     derivative: np.ndarray
     sensitivity: np.ndarray
     params: np.ndarray
+    absolute: np.ndarray | None = None
+
+    def measure(self, k: int) -> str:
+        """What output ``k`` is ranked on: ``dlog_output_dlog_parameter`` or ``doutput_dlog_parameter``."""
+        absolute = self.absolute is not None and bool(self.absolute[k])
+        if absolute or not np.isfinite(self.values[k]) or self.values[k] == 0:
+            return "doutput_dlog_parameter"
+        return "dlog_output_dlog_parameter"
 
     def ranked(self, output: int | str) -> list[tuple[str, float]]:
         """(parameter, sensitivity) of one output, largest |sensitivity| first (|derivative| where
         the output is 0)."""
         k = self.outputs.index(output) if isinstance(output, str) else output
-        key = self.sensitivity[k] if np.isfinite(self.values[k]) and self.values[k] != 0 else self.derivative[k]
+        key = self.sensitivity[k] if self.measure(k) == "dlog_output_dlog_parameter" else self.derivative[k]
         order = np.argsort(-np.abs(np.nan_to_num(key)), kind="stable")
         return [(self.names[j], float(key[j])) for j in order]
 
     def rows(self) -> list[dict[str, Any]]:
         out = []
         for k, o in enumerate(self.outputs):
-            for rank, (p, _) in enumerate(self.ranked(k), start=1):
+            for rank, (p, v) in enumerate(self.ranked(k), start=1):
                 j = self.names.index(p)
-                out.append({"output": o, "parameter": p, "sensitivity": self.sensitivity[k, j],
-                            "d_output_d_log_parameter": self.derivative[k, j], "output_value": self.values[k],
+                out.append({"output": o, "parameter": p, "sensitivity": v, "measure": self.measure(k),
+                            "dlog_output_dlog_parameter": self.sensitivity[k, j],
+                            "doutput_dlog_parameter": self.derivative[k, j], "output_value": self.values[k],
                             "parameter_value": self.params[j], "rank": rank})
         return out
 
@@ -374,10 +386,12 @@ def local_sensitivities(
     params: Sequence[float],
     names: Sequence[str],
     output_names: Sequence[str] | None = None,
+    absolute: Sequence[bool] | None = None,
 ) -> LocalResult:
     """d log(output) / d log(parameter) of a JAX function ``g`` (positive params (m,) -> outputs (k,))
-    at ``params``, by reverse mode: ``jax.jacrev`` of ``u -> g(params * exp(u))`` at u = 0 (one
-    reverse pass per output, all parameters at once)."""
+    at ``params``, by reverse mode: the vector-Jacobian product of ``u -> g(params * exp(u))`` at
+    u = 0 with each output's unit vector (one reverse pass per output, all parameters at once).
+    ``absolute`` marks outputs to rank on d output / d log(parameter) (see :class:`LocalResult`)."""
     p0 = jnp.asarray(params, dtype=float)
     if p0.ndim != 1 or p0.shape[0] != len(names):
         raise ValueError(f"{p0.shape} parameters for {len(names)} names")
@@ -394,7 +408,8 @@ def local_sensitivities(
     derivative = jax.vmap(lambda e: vjp(e)[0])(jnp.eye(k, dtype=values.dtype))
     values, derivative = np.asarray(values), np.asarray(derivative)
     return LocalResult(list(names), _output_names(output_names, k), values, derivative,
-                       _normalise(values, derivative), np.asarray(p0))
+                       _normalise(values, derivative), np.asarray(p0),
+                       None if absolute is None else np.asarray(absolute, bool))
 
 
 def finite_difference_sensitivities(
@@ -767,10 +782,10 @@ def load_analysis(path: str | Path, n: int | None = None, seed: int | None = Non
         methods = [methods]
     if not isinstance(methods, list) or any(m not in METHODS for m in methods):
         fail("global.methods", methods, f"a list of values from {list(METHODS)} is required")
-    n_value = glob.get("n", 16) if n is None else n
-    n_where = "global.n" if n is None else "--n"
-    n_value = number(n_where, n_value, 2, integer=True) if _finite(n_value) and n_value >= 2 else \
-        fail(n_where, n_value, "a positive integer >= 2 (base sample size N) is required")
+    n_where, n_value = ("global.n", glob.get("n", 16)) if n is None else ("--n", n)
+    if not (_finite(n_value) and float(n_value).is_integer() and n_value >= 2):
+        fail(n_where, n_value, "a positive integer >= 2 (the Sobol base sample size N) is required")
+    n_value = int(n_value)
     seed_value = number("global.seed" if seed is None else "--seed", glob.get("seed", 0) if seed is None else seed, 0, integer=True)
     morris = keys("global.morris", glob.get("morris"), ("trajectories", "levels"))
     levels = number("global.morris.levels", morris.get("levels", 4), 2, integer=True)
@@ -1043,7 +1058,8 @@ class EndpointModel:
         names = tuple(names or self.local_names())
         p0 = np.array([self.params.values[n] for n in names], float)
         self.n_evaluations += 1
-        return local_sensitivities(self.local_function(names), p0, names, self.output_ids)
+        return local_sensitivities(self.local_function(names), p0, names, self.output_ids,
+                                   absolute=[o.difference is not None for o in self.analysis.outputs])
 
     def local_function(self, names: Sequence[str]) -> Callable[[jax.Array], jax.Array]:
         """The function :meth:`local` differentiates: parameter values (m,) -> outputs (k,)."""
@@ -1064,7 +1080,7 @@ def tornado_plot(path, result: LocalResult, output: str, top: int = 15) -> Path:
 
     k = result.outputs.index(output)
     ranked = result.ranked(k)[:top]
-    normalised = np.isfinite(result.values[k]) and result.values[k] != 0
+    normalised = result.measure(k) == "dlog_output_dlog_parameter"
     labels = [p for p, _ in ranked][::-1]
     values = np.array([v for _, v in ranked][::-1])
     figure = _new_figure(7.0, 0.3 * len(labels) + 1.5)
@@ -1092,16 +1108,17 @@ def sobol_plot(path, result: SobolResult, output: str) -> Path:
     axes.set_xticks(x, result.names, rotation=30, ha="right", fontsize=8)
     axes.axhline(0.0, color="#222222", linewidth=0.8)
     axes.set_ylabel("Sobol index")
-    axes.set_title(f"{output}: Sobol indices (N = {result.n}, {int(100 * result.conf_level)} % bootstrap intervals; "
-                   f"max change N/2 to N {result.max_change[k]:.2f})", fontsize=9)
+    axes.set_title(f"{output}: Sobol indices, N = {result.n} ({result.n_evaluations} runs)\n"
+                   f"{int(100 * result.conf_level)} % bootstrap intervals; largest change from N/2: "
+                   f"{result.max_change[k]:.2f}", fontsize=9)
     axes.legend(fontsize=8)
     return _save(figure, path)
 
 
 INDEX_COLUMNS = ("output", "parameter", "method", "S1", "S1_conf", "ST", "ST_conf", "max_change_N_2N",
                  "mu", "mu_star", "mu_star_conf", "sigma")
-LOCAL_COLUMNS = ("output", "parameter", "sensitivity", "d_output_d_log_parameter", "output_value",
-                 "parameter_value", "rank")
+LOCAL_COLUMNS = ("output", "parameter", "sensitivity", "measure", "dlog_output_dlog_parameter",
+                 "doutput_dlog_parameter", "output_value", "parameter_value", "rank")
 
 
 def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
