@@ -269,3 +269,30 @@ def test_shipped_analysis_file_loads():
     assert any(o.difference is not None for o in a.outputs)
     assert a.params_extra and a.params_extra[0].endswith("calibrated/advanced_params.yaml")
     assert a.population_file.endswith("calibrated/advanced_population.yaml")
+
+
+def test_parameters_reach_every_patient(tmp_path):
+    """A median factor scales every patient's value (spread kept); a cv factor changes the spread
+    (median kept); drug PK and RT factors become every patient's value in the batched model."""
+    text = (TINY.replace("model: {simulator: kinetics}", "model: {simulator: qsp}")
+            .replace("{name: alpha_tumor, range: [0.1, 0.8]}",
+                     "{name: k_cl_nivolumab, range: [0.03, 0.12]}\n  - {name: icd_gain_max, range: [1, 4]}"))
+    model = EndpointModel(load_analysis(write_analysis(tmp_path, text)))
+    assert [f.id for f in model.analysis.factors] == ["k_C_T1", "k_cl_nivolumab", "icd_gain_max", "k_C1_growth.cv"]
+    theta = model.nominal()
+    base, _ = model._patients(theta, {})
+    v, drug = model._patients(theta * [2.0, 1.5, 1.25, 1.0], {})
+    np.testing.assert_allclose(v["k_C_T1"], 2.0 * base["k_C_T1"], rtol=1e-12)
+    assert np.ptp(base["k_C_T1"]) > 0  # between-patient spread kept
+    wide, _ = model._patients(theta * [1.0, 1.0, 1.0, 2.0], {})
+    log_ratio = np.log(wide["k_C1_growth"]) - np.log(base["k_C1_growth"])
+    assert np.std(np.log(wide["k_C1_growth"])) > 1.5 * np.std(np.log(base["k_C1_growth"]))
+    assert abs(np.median(log_ratio)) < np.max(np.abs(log_ratio))
+    models = model.build_models(v, drug)
+    np.testing.assert_allclose(models.pk.p["k_cl"][:, 0], 1.5 * theta[1], rtol=1e-12)
+    np.testing.assert_allclose(models.rt.p["icd_gain_max"], 1.25 * theta[2], rtol=1e-12)
+    np.testing.assert_allclose(models.cancer.p["k_C_T1"], v["k_C_T1"], rtol=1e-12)
+    # the local analysis's multipliers reach every patient the same way
+    scaled, _ = model._patients(theta, {"k_C_T1": 3.0, "V_Tmin": 2.0})
+    np.testing.assert_allclose(scaled["k_C_T1"], 3.0 * base["k_C_T1"], rtol=1e-12)
+    np.testing.assert_allclose(scaled["V_Tmin"], 2.0 * model.params.values["V_Tmin"], rtol=1e-12)

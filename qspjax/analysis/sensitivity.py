@@ -945,26 +945,35 @@ class EndpointModel:
                 return name[: -len(drug) - 1], d_index
         return None
 
+    def build_models(self, values: Mapping[str, Any], drug_values: Mapping[str, Any]):
+        """The batched QSP model of the cohort with per-patient ``values`` and per-drug PK values
+        (from :meth:`_patients`) substituted."""
+        import equinox as eqx
+
+        from qspjax.vpop import build_models
+
+        models = build_models(self.params, values, self.analysis.patients, self.drugs, 2,
+                              self.baseline["pdl1_multiplier"])
+        for name, v in drug_values.items():
+            param, k = self._drug_param(name)
+            models = eqx.tree_at(lambda m: m.pk.p[param], models, models.pk.p[param].at[:, k].set(v))
+        return models
+
     # -- one parameter vector ---------------------------------------------------------------------
     def outputs(self, theta, scale: Mapping[str, Any] | None = None):
         """Outputs (k,) and the fraction of patients solved per regimen (R,) at ``theta`` (d,) in
         natural units; ``scale`` multiplies named model parameters (local analysis)."""
-        import equinox as eqx
-
         from qspjax.model.cancer import diameter_from_volume
         from qspjax.outcomes import soft_best_response_probabilities, soft_cohort_mean, soft_progression_free_probability
         from qspjax.simulate import STATUS_OK, simulate_batch
-        from qspjax.vpop import build_models, grow_cohort
+        from qspjax.vpop import grow_cohort
 
         a = self.analysis
         values, drug_values = self._patients(theta, scale or {})
         kw = dict(temperature=a.assessment["temperature"], assessment_interval_days=a.assessment["interval_days"])
         sidx = jnp.asarray(self.state_index)
         if self.kinetics is None:
-            models = build_models(self.params, values, a.patients, self.drugs, 2, self.baseline["pdl1_multiplier"])
-            for name, v in drug_values.items():
-                param, k = self._drug_param(name)
-                models = eqx.tree_at(lambda m: m.pk.p[param], models, models.pk.p[param].at[:, k].set(v))
+            models = self.build_models(values, drug_values)
             y0, grow_status, _ = grow_cohort(models, self.params, self.baseline["diameter_cm"],
                                              self.baseline["second_lesion_ratio"], self.config)
 

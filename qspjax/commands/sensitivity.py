@@ -69,6 +69,11 @@ def run_sensitivity(args: argparse.Namespace) -> int:
                              "evaluations": morris.n_evaluations}
     if rows:
         atomic_write_text(out / "indices.csv", sa.csv_text(rows, sa.INDEX_COLUMNS))
+    if sobol is not None:
+        for o in model.output_ids:
+            sa.sobol_plot(out / f"sobol_{_safe(o)}.png", sobol, o)
+    summary["model_evaluations"] = model.n_evaluations
+    summary["timing"] = timing
     prov["results"] = _strict(summary)
     atomic_write_json(out / "run.json", prov)  # the global part, kept if the local part fails
     local = None
@@ -82,12 +87,8 @@ def run_sensitivity(args: argparse.Namespace) -> int:
         atomic_write_text(out / "local.csv", sa.csv_text(local.rows(), sa.LOCAL_COLUMNS))
         summary["local"] = {"values": dict(zip(local.outputs, local.values.tolist())),
                             "top": {o: local.ranked(o)[:5] for o in local.outputs}}
-    for i, o in enumerate(model.output_ids):
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in o)
-        if sobol is not None:
-            sa.sobol_plot(out / f"sobol_{safe}.png", sobol, o)
-        if local is not None:
-            sa.tornado_plot(out / f"tornado_{safe}.png", local, o)
+        for o in model.output_ids:
+            sa.tornado_plot(out / f"tornado_{_safe(o)}.png", local, o)
     timing["total_s"] = time.perf_counter() - t0
     summary["model_evaluations"] = model.n_evaluations
     summary["min_solved_fraction"] = getattr(model, "min_ok_fraction", None)
@@ -101,6 +102,10 @@ def run_sensitivity(args: argparse.Namespace) -> int:
             print(f"{o}: {top}")
     print(f"{model.n_evaluations} model evaluations in {timing['total_s']:.0f} s; outputs in {out}")
     return 0
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _strict(obj):
