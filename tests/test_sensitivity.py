@@ -71,6 +71,16 @@ def test_sobol_two_outputs_and_additive_function():
     assert r.constant.tolist() == [False, True] and np.all(r.ST[1] == 0)
 
 
+def test_sobol_additive_with_normal_and_lognormal_inputs():
+    # y = a + b + c, a ~ U(0, 1), b ~ N(1, 0.5), c ~ LogN(0, 0.3): S1 = ST = var_i / sum(var)
+    problem = {"names": ["a", "b", "c"], "bounds": [[0, 1], [1.0, 0.5], [0.0, 0.3]],
+               "dists": ["unif", "norm", "lognorm"]}
+    var = np.array([1 / 12, 0.25, (math.exp(0.09) - 1) * math.exp(0.09)])
+    r = sobol_indices(lambda x: x.sum(axis=1), problem, 256, seed=0)
+    np.testing.assert_allclose(r.S1[0], var / var.sum(), atol=0.03)
+    np.testing.assert_allclose(r.ST[0], var / var.sum(), atol=0.03)
+
+
 def test_sobol_refuses_bad_input():
     problem = {"names": ["a"], "bounds": [[0, 1]]}
     with pytest.raises(QSPValidationError, match="n = 0"):
@@ -170,6 +180,10 @@ def write_analysis(tmp_path, text=TINY, name="tiny.yaml"):
     ("quantity: cv", "quantity: mean", r"parameters\[2\]\.quantity = 'mean'"),
     ("methods: [sobol, morris]", "methods: [sobol, prcc]", "global.methods"),
     ("levels: 4", "levels: 3", "global.morris.levels = 3"),
+    ("{name: alpha_tumor, range: [0.1, 0.8]}", "{name: alpha_tumor, distribution: normal, mean: 0.4, sd: 0.2}",
+     r"parameters\[1\]\.sd = 0\.2"),
+    ("{name: alpha_tumor, range: [0.1, 0.8]}", "{name: alpha_tumor, distribution: gamma, mean: 0.4, sd: 0.02}",
+     r"parameters\[1\]\.distribution = 'gamma'"),
     ("cohort:", "cohorts:", "cohorts"),
 ])
 def test_bad_analysis_files_refused_with_field(tmp_path, old, new, field):

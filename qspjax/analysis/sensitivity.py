@@ -712,6 +712,10 @@ def load_analysis(path: str | Path, n: int | None = None, seed: int | None = Non
             if dist == "normal":
                 mean = number(f"{where}.mean", entry.get("mean"))
                 sd = number(f"{where}.sd", entry.get("sd"), positive=True)
+                if mean - 4.0 * sd <= 0 or (quantity == "median" and name in spec.names
+                                            and spec.distributions[name] == "logitnormal" and mean + 4.0 * sd >= 1):
+                    fail(f"{where}.sd", sd, f"mean ± 4 sd must stay inside the parameter's domain (mean {mean:g}); "
+                                            "use a lognormal or a range")
                 factors.append(Factor(name, quantity, None, "linear", dist, (mean, sd)))
             else:
                 median = number(f"{where}.median", entry.get("median"), positive=True)
