@@ -149,7 +149,7 @@ def check_problem(problem: Any, source: str = "problem") -> dict[str, Any]:
     return {"names": list(names), "num_vars": d, "bounds": out_bounds, "dists": list(dists)}
 
 
-def _evaluate(f: Callable, x: np.ndarray, n_params: int) -> np.ndarray:
+def _evaluate(f: Callable, x: np.ndarray) -> np.ndarray:
     y = np.asarray(f(x), dtype=float)
     if y.ndim == 1:
         y = y[:, None]
@@ -243,7 +243,7 @@ def sobol_indices(
         raise QSPValidationError("sobol_indices", "n", n, "an integer >= 2 is required")
     d = problem["num_vars"]
     x = sobol_sample.sample(problem, 2 * n, calc_second_order=False, scramble=True, seed=seed)
-    y = _evaluate(f, x, d)
+    y = _evaluate(f, x)
     k = y.shape[1]
     half = n * (d + 2)
     res = {key: np.zeros((k, d)) for key in ("S1", "S1_conf", "ST", "ST_conf", "S1_half", "ST_half")}
@@ -315,7 +315,7 @@ def morris_effects(
         raise QSPValidationError("morris_effects", "levels", levels, "an even number of levels is required")
     uniform = {"names": problem["names"], "num_vars": problem["num_vars"], "bounds": problem["bounds"]}
     x = morris_sample.sample(uniform, int(trajectories), num_levels=int(levels), seed=seed)
-    y = _evaluate(f, x, problem["num_vars"])
+    y = _evaluate(f, x)
     k, d = y.shape[1], problem["num_vars"]
     res = {key: np.zeros((k, d)) for key in ("mu", "mu_star", "mu_star_conf", "sigma")}
     for i in range(k):
@@ -546,7 +546,6 @@ def load_analysis(path: str | Path, n: int | None = None, seed: int | None = Non
     """
     import yaml
 
-    from qspjax.model.composer import module_param_specs
     from qspjax.model.pk import DRUG_PARAMS, KNOWN_DRUGS
     from qspjax.regimen import load_regimen, parse_regimen
     from qspjax.runner import OBSERVABLES
