@@ -19,6 +19,7 @@ _COMMAND_MODULES = (
     "qspjax.commands.trial",
     "qspjax.commands.fit",
     "qspjax.commands.export",
+    "qspjax.commands.sensitivity",
     "qspjax.data.commands",
     "qspjax.commands.stop_time",
     "qspjax.commands.optimize",
