@@ -41,9 +41,9 @@ CACHE = Path(os.environ.get("QSPJAX_AMICI_CACHE", Path.home() / ".cache" / "qspj
 
 def petab_dir(out: Path) -> Path:
     """The PEtab problem, written once into ``out``."""
-    from qspjax.interop import petab as qpetab
-
     if not (out / "problem.yaml").is_file():
+        from qspjax.interop import petab as qpetab
+
         qpetab.write_petab(out)
     return out
 
@@ -136,12 +136,21 @@ def amici_model(problem_dir: Path, verbose: bool = False):
         assigned = {m.getInitialAssignment(i).getSymbol() for i in range(m.getNumInitialAssignments())}
         fixed = [p.getId() for p in m.getListOfParameters()
                  if p.getId() not in PARAMS and p.getId() not in ruled and p.getId() not in assigned and p.getConstant()]
-        SbmlImporter(str(problem_dir / "model.xml")).sbml2amici(
+        importer = SbmlImporter(str(problem_dir / "model.xml"))
+        # AMICI's MathML parser (sbmlmath) turns every float literal into an exact sympy Rational; a
+        # power with a fractional exponent of a product holding such rationals (the export's
+        # diameter and Hill terms) then makes sympy look for exact integer roots of their 16-20
+        # digit numerators, which stalled the import for > 5 min in one rule. Floats stay floats.
+        if hasattr(getattr(importer, "_mathml_parser", None), "floats_as_rationals"):
+            importer._mathml_parser.floats_as_rationals = False
+        importer.sbml2amici(
             name, str(out), verbose=verbose, fixed_parameters=fixed,
             observation_model=[MeasurementChannel(OBS_ID, name="log tumor diameter", formula=f"log({DIAMETER_ID})",
                                                   noise_distribution="normal", sigma=1.0)])
         (out / ".complete").write_text("ok\n")
         compiled = time.perf_counter() - t0
+    import amici.sim.sundials  # noqa: F401  (the generated module checks its SWIG version against it)
+
     module = amici.import_model_module(name, str(out))
     return module, compiled
 
