@@ -12,7 +12,7 @@ state):
   flat scaled vector field (``qspjax.simulate._flat_system``) with a jitted right-hand side and
   Jacobian, the treatment jumps applied between segments by ``qspjax.simulate.apply_events`` (as
   ``tests/test_simulate.py`` does) and lesion extinction as a terminal root-found event;
-* libRoadRunner: the SBML export (``qspjax.sbml``) loaded once, then per patient its parameters
+* libRoadRunner: the SBML export (``qspjax.interop.sbml``) loaded once, then per patient its parameters
   and initial state set and CVODE (BDF) run, with per-state absolute tolerances atol * typical.
 
 The references are slow, so they run on the first ``--reference-n`` patients and their rate is
@@ -142,7 +142,7 @@ def _extinction_event(j, scale, threshold):
 def _roadrunner_loop(cohort, schedule, config, patients, days: float):
     import roadrunner
 
-    from qspjax import sbml
+    from qspjax.interop import sbml
     from qspjax.simulate import apply_events
 
     roadrunner.Logger.setLevel(roadrunner.Logger.LOG_ERROR)  # CVODE's step-size notes at event times

@@ -8,11 +8,16 @@ seed, grown to their baseline tumors, then treated with the arm's regimen), RECI
 a smooth form (sigmoids of the -30 %/+20 % margins) so the predicted rates are differentiable in
 the population parameters, and the printed counts enter as binomial/multinomial likelihoods.
 Priors on the population medians (log/logit scale) and spreads come from
-``configs/inference/priors.yaml``. This script finds the posterior mode by Adam or L-BFGS from several
-prior draws and writes the fitted population (a population file and a parameter overlay the
-simulator reads), the loss history and one fit-vs-observed figure per arm.
+``configs/inference/priors.yaml``. This script finds the posterior mode by Adam or L-BFGS from the
+best points of a Sobol design over the prior box (each scored by a forward solve) and writes the
+fitted population (a population file and a parameter overlay the simulator reads), the loss
+history and one fit-vs-observed figure per arm.
 
     python fits/calibrate.py --config configs/inference/fit_advanced.yaml --out runs/fit
+
+Every fit also writes its multistart diagnostics (``starts.csv``, ``waterfall.png``,
+``best_starts.png``; :mod:`qspjax.inference.multistart`), and ``qspjax profile OUT --out DIR``
+profiles its parameters (:mod:`qspjax.inference.profile`).
 
 Sizes can be cut for a quick look (``--patients 8 --horizon-days 120 --steps 5``); a second stage
 can start where a first ended (``--init-from runs/fit_advanced --method lbfgs``);
@@ -36,7 +41,8 @@ from qspjax.io import prepare_out_dir  # noqa: E402
 def main(args: argparse.Namespace) -> dict:
     cfg = with_overrides(load(args.config),
                          likelihood={"patients": args.patients, "horizon_days": args.horizon_days},
-                         optimizer={"starts": args.starts, "steps": args.steps, "seed": args.seed,
+                         optimizer={"starts": args.starts, "optimize": args.optimize, "steps": args.steps,
+                                    "seed": args.seed,
                                     "method": args.method, "learning_rate": args.learning_rate})
     out = prepare_out_dir(args.out, overwrite=True)
     result = run_fit(cfg, out, args.simulator, args.max_arms, progress=not args.quiet,
@@ -54,7 +60,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--simulator", choices=("qsp", "kinetics"), default="qsp")
     p.add_argument("--patients", type=int, default=None, help="virtual patients per arm")
     p.add_argument("--horizon-days", type=float, default=None)
-    p.add_argument("--starts", type=int, default=None, help="optimiser starts drawn from the priors")
+    p.add_argument("--starts", type=int, default=None,
+                   help="points of the Sobol start design over the prior box, each scored by a forward solve")
+    p.add_argument("--optimize", type=int, default=None, help="how many of the best starts are optimised")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per start (at most)")
     p.add_argument("--max-arms", type=int, default=None, help="only the first N fitted arms")
     p.add_argument("--seed", type=int, default=None, help="seed of the starting points")

@@ -18,6 +18,7 @@ _COMMAND_MODULES = (
     "qspjax.commands.simulate",
     "qspjax.commands.trial",
     "qspjax.commands.fit",
+    "qspjax.commands.profile",
     "qspjax.commands.export",
     "qspjax.commands.sensitivity",
     "qspjax.data.commands",

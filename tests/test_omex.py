@@ -14,7 +14,7 @@ libsedml = pytest.importorskip("libsedml", reason="python-libsedml (interop/test
 libcombine = pytest.importorskip("libcombine", reason="python-libcombine (interop/test extra) is not installed")
 libsbml = pytest.importorskip("libsbml", reason="python-libsbml (test extra) is not installed")
 
-from qspjax import omex  # noqa: E402
+from qspjax.interop import omex  # noqa: E402
 
 from conftest import REFERENCE  # noqa: E402
 
@@ -89,7 +89,7 @@ def test_the_archive_run_in_roadrunner_matches_qspjax_on_every_observable(archiv
     pytest.importorskip("roadrunner", reason="libroadrunner (test extra) is not installed")
     import jax
 
-    from qspjax import sbml
+    from qspjax.interop import sbml
     from qspjax.regimen import compile_schedule, load_regimen
     from qspjax.simulate import STATUS_OK, SolverConfig, simulate_patient
 

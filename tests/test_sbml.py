@@ -8,7 +8,7 @@ import pytest
 libsbml = pytest.importorskip("libsbml")
 roadrunner = pytest.importorskip("roadrunner")
 
-from qspjax import sbml  # noqa: E402
+from qspjax.interop import sbml  # noqa: E402
 from qspjax.regimen import compile_schedule, parse_regimen  # noqa: E402
 from qspjax.simulate import STATUS_OK, SolverConfig, simulate_patient  # noqa: E402
 
@@ -161,3 +161,22 @@ def test_cli_export_sbml_rejects_bad_input_with_exit_2(tmp_path, capsys, argv, f
     assert rc == 2
     assert field in capsys.readouterr().err
     assert not (tmp_path / "m.xml").exists()
+
+
+def test_the_interop_package_is_cheap_to_import_and_exposes_its_api():
+    """``import qspjax.interop`` loads none of its submodules (libsbml, petab, the tracer); the
+    public names resolve lazily to the submodules' objects."""
+    import subprocess
+    import sys
+
+    code = ("import sys, qspjax.interop as i; "
+            "print(sorted(m for m in sys.modules if m.startswith('qspjax.interop.') or m in ('libsbml', 'petab')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    import qspjax.interop as interop
+    from qspjax.interop import omex as omex_mod
+
+    assert interop.export_sbml is sbml.export_sbml
+    assert interop.simulate_omex is omex_mod.simulate_omex
+    with pytest.raises(AttributeError, match="no_such_name"):
+        interop.no_such_name

@@ -1,5 +1,5 @@
-"""``qspjax export-sbml``: one virtual patient as an SBML Level 3 file (see :mod:`qspjax.sbml`),
-and with ``--omex`` a COMBINE archive of it with a SED-ML reference simulation (:mod:`qspjax.omex`)."""
+"""``qspjax export-sbml``: one virtual patient as an SBML Level 3 file (see :mod:`qspjax.interop.sbml`),
+and with ``--omex`` a COMBINE archive of it with a SED-ML reference simulation (:mod:`qspjax.interop.omex`)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qspjax import sbml
+    from qspjax.interop import sbml
     from qspjax.io import atomic_write_text
     from qspjax.model.pk import KNOWN_DRUGS
     from qspjax.params import load_parameters
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if not (math.isfinite(k_relax) and k_relax > 0):
         raise QSPValidationError("command line", "--k-relax", args.k_relax, "must be a positive rate (1/day)")
     if args.omex is not None:
-        from qspjax import omex
+        from qspjax.interop import omex
 
         try:
             omex._libs()
@@ -103,22 +103,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_petab(args: argparse.Namespace) -> int:
-    from qspjax import petab_problem
+    from qspjax.interop import petab as qpetab
     from qspjax.io import prepare_out_dir
     from qspjax.params import load_parameters
 
     try:
-        petab_problem._petab()
-    except petab_problem.PetabError as exc:
+        qpetab._petab()
+    except qpetab.PetabError as exc:
         raise QSPValidationError("command line", "export-petab", "petab", str(exc)) from None
-    reference = Path(args.reference) if args.reference else petab_problem.default_reference_csv()
+    reference = Path(args.reference) if args.reference else qpetab.default_reference_csv()
     if not reference.is_file():
         raise QSPValidationError("command line", "--reference", str(reference), "no such file")
     params = load_parameters(args.params)
     out = prepare_out_dir(args.out, args.overwrite)
     try:
-        files = petab_problem.write_petab(out, params, reference)
-    except petab_problem.PetabError as exc:
+        files = qpetab.write_petab(out, params, reference)
+    except qpetab.PetabError as exc:
         raise QSPValidationError(str(out), "PEtab problem", "problem.yaml", str(exc)) from None
     print(f"wrote {files['problem']}: PEtab v1 problem ({', '.join(p.name for k, p in files.items() if k != 'problem')}), "
           f"linted without errors")

@@ -19,11 +19,15 @@ def _common(p) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("fit", help="calibrate population parameters to trial arms (multi-start Adam)",
+    p = sub.add_parser("fit", help="calibrate population parameters to trial arms (multi-start Adam/L-BFGS)",
                        description="MAP calibration: writes population_fitted.yaml, params_fitted.yaml, "
-                                   "loss_history.json, fit_<arm>.png, run.json.")
+                                   "loss_history.json, fit_<arm>.png, run.json, and the multistart diagnostics "
+                                   "starts.csv, waterfall.png, best_starts.png.")
     _common(p)
-    p.add_argument("--starts", type=int, default=None)
+    p.add_argument("--starts", type=int, default=None,
+                   help="points of the start design, each scored by one forward evaluation (overrides the run file)")
+    p.add_argument("--optimize", type=int, default=None,
+                   help="how many of the best-scoring starts are optimised (overrides the run file; at most --starts)")
     p.add_argument("--steps", type=int, default=None)
     p.set_defaults(func=run_fit)
     q = sub.add_parser("infer", help="Bayesian inference of population parameters (NUTS)",
@@ -38,7 +42,7 @@ def register(sub) -> None:
 
 
 def _check(args) -> None:
-    for name in ("patients", "starts", "steps", "chains", "warmup", "samples", "max_arms", "predictive_draws"):
+    for name in ("patients", "starts", "optimize", "steps", "chains", "warmup", "samples", "max_arms", "predictive_draws"):
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             raise QSPValidationError("command line", "--" + name.replace("_", "-"), value, "must be a positive integer")
@@ -51,7 +55,8 @@ def _config(args):
 
     cfg = load(args.config)
     return with_overrides(cfg, likelihood={"patients": args.patients, "horizon_days": args.horizon_days},
-                          optimizer={"starts": getattr(args, "starts", None), "steps": getattr(args, "steps", None)},
+                          optimizer={"starts": getattr(args, "starts", None), "steps": getattr(args, "steps", None),
+                                     "optimize": getattr(args, "optimize", None)},
                           nuts={"chains": getattr(args, "chains", None), "warmup": getattr(args, "warmup", None),
                                 "samples": getattr(args, "samples", None)})
 

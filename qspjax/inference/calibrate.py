@@ -1,12 +1,16 @@
-"""Maximum a posteriori calibration: multi-start Adam on the negative log posterior.
+"""Maximum a posteriori calibration: multi-start Adam or L-BFGS on the negative log posterior.
 
-Starts are drawn from the priors (explicit PRNG key); each start runs optax Adam on
+Starts are the points of a design over the priors (a scrambled Sobol sequence over the prior box,
+or prior draws; explicit PRNG key), optionally screened by one forward evaluation each so that only
+the best are optimised (:func:`screen_starts`); each start runs optax Adam (or L-BFGS) on
 ``-log_posterior(theta)`` with the problem's one compiled value-and-gradient, stops early when the
 best loss has not improved by ``tolerance`` (absolute, in nats) for ``patience`` steps, and the
 best start wins. Outputs (:func:`write_calibration`): the fitted population file (the schema of
 ``configs/params/population.yaml`` with fitted spreads) plus a parameter overlay with the fitted
 medians that ``load_parameters(extra=[...])`` reads, the loss history (JSON), one
-fit-vs-observed PNG per arm, ``run.json`` provenance. Every file is written atomically.
+fit-vs-observed PNG per arm, ``run.json`` provenance, and the multistart diagnostics of
+:mod:`qspjax.inference.multistart` (``starts.csv``, ``waterfall.png``, ``best_starts.png``). Every
+file is written atomically.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 import optax
 import yaml
 
-from qspjax.inference.config import OPTIMIZER_METHODS
+from qspjax.inference.config import OPTIMIZER_DESIGNS, OPTIMIZER_METHODS
 from qspjax.inference.likelihood import DAYS_PER_MONTH, Problem
 from qspjax.io import atomic_write, atomic_write_json, atomic_write_text
 
@@ -38,21 +42,53 @@ class CalibrationResult:
     finals: np.ndarray | None = None  # (S, D)
     screened: dict | None = None  # candidates (C, D) and their log posteriors (C,), when screened
     interrupted: bool = False  # stopped by Ctrl-C (SIGINT); the best point found so far is kept
+    initial_losses: np.ndarray | None = None  # (S,) first loss of each optimised start (nats)
+    stop_reasons: list[str] = field(default_factory=list)  # converged / max_steps / non_finite / interrupted
+    design: str = "prior"
+    box_sds: float = 3.0
+
+
+def design_points(problem: Problem, key: jax.Array, n: int, design: str = "sobol", box_sds: float = 3.0) -> np.ndarray:
+    """``n`` start points (n, D) on the unconstrained scale; the first is always the prior centre.
+
+    ``sobol``: a scrambled Sobol sequence (scipy.stats.qmc, seeded from ``key``) over the prior box,
+    each prior centre +- ``box_sds`` prior sds; ``prior``: draws from the priors.
+    """
+    if design not in OPTIMIZER_DESIGNS:
+        from qspjax.errors import QSPValidationError
+
+        raise QSPValidationError("optimizer", "design", design, f"allowed values are {list(OPTIMIZER_DESIGNS)}")
+    mu, sd = problem.prior_means(), problem.prior_sds()
+    if design == "sobol":
+        import warnings
+
+        from scipy.stats import qmc
+
+        seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+        with warnings.catch_warnings():  # n need not be a power of 2 (a slightly less balanced design)
+            warnings.simplefilter("ignore", UserWarning)
+            u = qmc.Sobol(len(mu), scramble=True, seed=seed).random(n)
+        points = mu + box_sds * sd * (2.0 * u - 1.0)
+    else:
+        points = np.array(problem.sample_prior(key, n))
+    points[0] = mu
+    return points
 
 
 def screen_starts(problem: Problem, key: jax.Array, starts: int, candidates: int,
-                  progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The ``starts`` best of ``candidates`` prior draws by log posterior (forward solves only).
+                  progress: bool = True, design: str = "prior",
+                  box_sds: float = 3.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``starts`` best of ``candidates`` design points by log posterior (forward solves only).
 
     A forward evaluation costs a fraction of a value-and-gradient (~1/4 on the QSP model), so
-    screening many prior draws and descending from the best few spends the gradient budget where
-    the posterior mass is. The prior centre is always among the candidates (its first row).
-    Returns (chosen (starts, D), candidates (C, D), their log posteriors (C,); non-finite = -inf).
+    screening many points and descending from the best few spends the gradient budget where the
+    posterior mass is. The prior centre is always among the candidates (its first row; see
+    :func:`design_points`). Returns (chosen (starts, D), candidates (C, D), their log posteriors
+    (C,); non-finite = -inf).
     """
     from tqdm import tqdm
 
-    cands = np.array(problem.sample_prior(key, candidates))
-    cands[0] = problem.prior_means()
+    cands = design_points(problem, key, candidates, design, box_sds)
     values = []
     for theta in tqdm(cands, desc="screening starts", unit="draw", disable=not progress):
         v = float(problem.log_posterior(jnp.asarray(theta)))
@@ -108,12 +144,15 @@ def _descent(problem: Problem, method: str, learning_rate: float, max_linesearch
 
 def calibrate(problem: Problem, key: jax.Array, starts: int = 4, steps: int = 200, learning_rate: float = 0.05,
               patience: int = 25, tolerance: float = 1e-3, initial: np.ndarray | None = None,
-              progress: bool = True, screen: int = 0, method: str = "adam") -> CalibrationResult:
+              progress: bool = True, screen: int = 0, method: str = "adam", design: str = "prior",
+              box_sds: float = 3.0) -> CalibrationResult:
     """Multi-start descent (``method``: ``adam`` or ``lbfgs``, :func:`_descent`) on the negative log
     posterior of ``problem``.
 
-    Starts are ``starts`` prior draws, or, with ``screen`` > ``starts``, the best ``starts`` of
-    ``screen`` prior draws (:func:`screen_starts`). ``initial`` (S, D) replaces both. Each start
+    Starts are ``starts`` design points (:func:`design_points`: ``design`` ``sobol`` over the prior
+    box of half-width ``box_sds`` prior sds, or ``prior`` draws), or, with ``screen`` > ``starts``,
+    the best ``starts`` of ``screen`` design points (:func:`screen_starts`). ``initial`` (S, D)
+    replaces both. Each start
     stops after ``steps`` steps, or when its best loss has not improved by ``tolerance`` (nats) for
     ``patience`` steps; a start whose loss turns non-finite is stopped and keeps its best finite point.
     """
@@ -124,17 +163,19 @@ def calibrate(problem: Problem, key: jax.Array, starts: int = 4, steps: int = 20
     if initial is not None:
         inits = np.atleast_2d(np.asarray(initial, float))
     elif screen > starts:
-        inits, cands, values = screen_starts(problem, key, starts, screen, progress)
-        screened = {"candidates": cands, "log_posterior": values}
+        inits, cands, values = screen_starts(problem, key, starts, screen, progress, design, box_sds)
+        screened = {"candidates": cands, "log_posterior": values,
+                    "chosen": np.argsort(-values, kind="stable")[:starts]}
     else:
-        inits = problem.sample_prior(key, starts)
+        inits = design_points(problem, key, starts, design, box_sds)
 
-    histories, finals, losses = [], [], []
+    histories, finals, losses, reasons = [], [], [], []
     bar = tqdm(total=len(inits) * steps, desc=f"calibrating ({method})", unit="step", disable=not progress)
     interrupted = False
     for s, x0 in enumerate(inits):
         theta = jnp.asarray(x0, float)
         best, best_theta, since, history = math.inf, np.asarray(theta), 0, []
+        reason = "max_steps"
         try:
             state = init(theta)
             value, grad = problem.value_and_grad(theta)
@@ -142,6 +183,7 @@ def calibrate(problem: Problem, key: jax.Array, starts: int = 4, steps: int = 20
                 loss = -float(value)
                 bar.update(1)
                 if not (math.isfinite(loss) and np.all(np.isfinite(np.asarray(grad)))):
+                    reason = "non_finite"
                     break
                 history.append(loss)
                 if loss < best - tolerance:
@@ -151,24 +193,28 @@ def calibrate(problem: Problem, key: jax.Array, starts: int = 4, steps: int = 20
                     if loss < best:
                         best, best_theta = loss, np.asarray(theta)
                     if since >= patience:
+                        reason = "converged"
                         break
                 bar.set_postfix(start=s, loss=f"{best:.3f}")
                 if step + 1 < steps:
                     theta, state, value, grad = advance(theta, state, value, grad)
         except KeyboardInterrupt:  # Ctrl-C (SIGINT), seen once the running compiled step returns: keep what was found
             interrupted = True
+            reason = "interrupted"
         if history or not interrupted:
             histories.append(history)
             finals.append(best_theta)
             losses.append(best)
+            reasons.append(reason)
         if interrupted:
             break
     bar.close()
     if not losses:
         raise KeyboardInterrupt("calibration interrupted before its first evaluation")
     i = int(np.argmin(losses))
+    first = np.array([h[0] if h else math.inf for h in histories])
     return CalibrationResult(np.asarray(finals[i]), float(losses[i]), inits, histories, i, np.asarray(finals),
-                             screened, interrupted)
+                             screened, interrupted, first, reasons, design, box_sds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +304,10 @@ def safe_name(arm_id: str) -> str:
 
 
 def write_calibration(out: Path, problem: Problem, result: CalibrationResult, prov: dict) -> dict[str, Path]:
-    """Write population_fitted.yaml, params_fitted.yaml, loss_history.json, fit_<arm>.png, run.json."""
+    """Write population_fitted.yaml, params_fitted.yaml, loss_history.json, fit_<arm>.png, run.json,
+    starts.csv, waterfall.png and best_starts.png (:mod:`qspjax.inference.multistart`)."""
+    from qspjax.inference.multistart import write_multistart
+
     out = Path(out)
     source = f"qspjax fit, {len(problem.arms)} arm(s), loss {result.loss:.3f}"
     files = {
@@ -270,11 +319,14 @@ def write_calibration(out: Path, problem: Problem, result: CalibrationResult, pr
     history = {"ids": list(problem.ids), "best_start": result.best_start, "best_loss": result.loss,
                "theta": result.theta, "natural": problem.natural(result.theta),
                "starts": result.starts, "finals": result.finals, "loss_history": result.histories,
-               "interrupted": result.interrupted,
+               "interrupted": result.interrupted, "stop_reasons": result.stop_reasons,
+               "design": {"type": result.design, "box_sds": result.box_sds},
                "screened": None if result.screened is None else {
                    "candidates": result.screened["candidates"],
                    "log_posterior": [float(v) if math.isfinite(v) else None for v in result.screened["log_posterior"]]}}
     files["history"] = atomic_write_json(out / "loss_history.json", history)
     plot_arms(problem, result.theta, lambda arm_id: out / f"fit_{safe_name(arm_id)}.png")
+    cluster_tolerance = float((prov.get("config") or {}).get("optimizer", {}).get("cluster_tolerance", 0.1))
+    files.update(write_multistart(out, problem, result, cluster_tolerance))
     files["run"] = atomic_write_json(out / "run.json", prov)
     return files

@@ -223,16 +223,38 @@ class LikelihoodSettings:
 OPTIMIZER_METHODS = ("adam", "lbfgs")
 
 
+OPTIMIZER_DESIGNS = ("sobol", "prior")
+
+
 @dataclass(frozen=True)
 class OptimizerSettings:
-    starts: int = 4
+    """Multi-start MAP optimisation (:func:`qspjax.inference.calibrate.calibrate`).
+
+    ``starts`` points of a design (``sobol``: a scrambled Sobol sequence over the prior box, the
+    prior centres +- ``box_sds`` prior sds; ``prior``: draws from the priors; the prior centre is
+    always the first point) are each scored by one forward evaluation of the log posterior; the
+    best ``optimize`` of them (None: all) are descended from by ``method`` for at most ``steps``
+    steps, a start stopping (converged) when its loss has not improved by ``tolerance`` nats for
+    ``patience`` steps. Final values within ``cluster_tolerance`` nats of the best are the best
+    cluster of the waterfall plot. For the expensive QSP objective, screen many starts and
+    optimise a few (``fit_advanced.yaml``); for cheap objectives optimise all.
+    """
+
+    starts: int = 64
     steps: int = 200
     learning_rate: float = 0.05
     patience: int = 25
     tolerance: float = 1e-3
     seed: int = 0
-    screen: int = 0  # prior draws screened by a forward solve; the best `starts` are descended from
+    optimize: int | None = None  # how many of the best-scoring starts are optimised; None: all
     method: str = "adam"  # one of OPTIMIZER_METHODS ("lbfgs": optax L-BFGS with a zoom line search)
+    design: str = "sobol"  # one of OPTIMIZER_DESIGNS
+    box_sds: float = 3.0
+    cluster_tolerance: float = 0.1
+
+    @property
+    def optimized(self) -> int:
+        return self.starts if self.optimize is None else min(self.optimize, self.starts)
 
 
 @dataclass(frozen=True)
@@ -265,9 +287,10 @@ _LIK_RULES = {
     "rtol": dict(positive=True, hi=1e-2), "temperature": dict(positive=True, hi=10),
     "assessment_interval_days": dict(positive=True), "death_rate_per_day": dict(lo=0.0, hi=1.0),
 }
-_OPT_RULES = {"starts": dict(integer=True, lo=1), "steps": dict(integer=True, lo=1),
+_OPT_RULES = {"starts": dict(integer=True, lo=1, hi=100_000), "steps": dict(integer=True, lo=1),
               "learning_rate": dict(positive=True, hi=10), "patience": dict(integer=True, lo=1),
-              "tolerance": dict(lo=0.0), "seed": dict(integer=True, lo=0), "screen": dict(integer=True, lo=0)}
+              "tolerance": dict(lo=0.0), "seed": dict(integer=True, lo=0),
+              "box_sds": dict(positive=True, hi=10.0), "cluster_tolerance": dict(positive=True)}
 _NUTS_RULES = {"chains": dict(integer=True, lo=1), "warmup": dict(integer=True, lo=1),
                "samples": dict(integer=True, lo=1), "target_accept": dict(positive=True, hi=0.999),
                "max_tree_depth": dict(integer=True, lo=1, hi=12), "seed": dict(integer=True, lo=0)}
@@ -321,7 +344,26 @@ def load_run_config(path: str | Path) -> RunConfig:
             raise QSPValidationError(path, where, value, f"allowed values are {list(OPTIMIZER_METHODS)}")
         return value
 
-    opt = _section(path, doc, "optimizer", OptimizerSettings, _OPT_RULES, {"method": method})
+    def design(where, value):
+        if value not in OPTIMIZER_DESIGNS:
+            raise QSPValidationError(path, where, value, f"allowed values are {list(OPTIMIZER_DESIGNS)}")
+        return value
+
+    def optimize(where, value):
+        if value is None or value == "all":
+            return None
+        return _number(path, where, value, integer=True, lo=1)
+
+    opt_doc = doc.get("optimizer") or {}
+    if isinstance(opt_doc, Mapping) and "screen" in opt_doc:
+        raise QSPValidationError(path, "optimizer.screen", opt_doc["screen"],
+                                 "replaced by optimizer.starts (design points, each scored by a forward "
+                                 "solve) and optimizer.optimize (how many of the best are optimised)")
+    opt = _section(path, doc, "optimizer", OptimizerSettings, _OPT_RULES,
+                   {"method": method, "design": design, "optimize": optimize})
+    if opt.optimize is not None and opt.optimize > opt.starts:
+        raise QSPValidationError(path, "optimizer.optimize", opt.optimize,
+                                 f"at most optimizer.starts ({opt.starts}) starts can be optimised")
     nuts = _section(path, doc, "nuts", NutsSettings, _NUTS_RULES)
     return RunConfig(paths["priors"], paths["arms"], paths["params"], paths["population"], paths["trials"],
                      lik, opt, nuts, str(path), str(doc.get("description", "")))

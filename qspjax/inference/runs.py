@@ -66,10 +66,14 @@ def run_fit(cfg: RunConfig, out: Path, simulator: str = "qsp", max_arms: int | N
         from qspjax.inference.report import load_fitted_theta
 
         initial = load_fitted_theta(init_from, fit)[None, :]
-    result = calibrate(fit, jax.random.PRNGKey(o.seed), o.starts, o.steps, o.learning_rate, o.patience,
-                       o.tolerance, initial=initial, progress=progress, screen=o.screen, method=o.method)
+    k = o.optimized
+    result = calibrate(fit, jax.random.PRNGKey(o.seed), k, o.steps, o.learning_rate, o.patience,
+                       o.tolerance, initial=initial, progress=progress, screen=o.starts if k < o.starts else 0,
+                       method=o.method, design=o.design, box_sds=o.box_sds)
     seconds = time.perf_counter() - t0
-    prov = _prov(cfg, {"simulator": simulator, "max_arms": max_arms, "arms": [a.arm_id for a in fit.arms],
+    prov = _prov(cfg, {"simulator": simulator, "max_arms": max_arms, "arm_file": str(cfg.arms),
+                       "endpoints": list(load_arm_selection(cfg.arms).endpoints),
+                       "arms": [a.arm_id for a in fit.arms],
                        "arm_notes": {a.arm_id: list(a.notes) for a in fit.arms}, "wall_seconds": seconds,
                        "init_from": None if init_from is None else str(init_from)},
                  o.seed)

@@ -3,7 +3,7 @@
 :func:`write_petab` writes the single-patient QSP-IO reference problem for pyPESTO, AMICI,
 PEtab.jl or COPASI:
 
-* ``model.xml``: the SBML export (:mod:`qspjax.sbml`) of the reference patient under the
+* ``model.xml``: the SBML export (:mod:`qspjax.interop.sbml`) of the reference patient under the
   reference dosing (nivolumab 210 mg every 14 days from day 0, doses as SBML events);
 * ``conditions.tsv``: one condition, ``qspio_reference`` (the SBML as it is);
 * ``observables.tsv``: tumor diameter, nivolumab in plasma and tumor, CD8 and Treg cells in the
@@ -90,7 +90,7 @@ def write_petab(out: str | os.PathLike, params=None, reference_csv: str | os.Pat
     returns {role: path}."""
     import pandas as pd
 
-    from qspjax import omex, sbml
+    from qspjax.interop import omex, sbml
     from qspjax.io import atomic_write_text
     from qspjax.params import load_parameters
     from qspjax.regimen import compile_schedule, load_regimen
@@ -221,7 +221,7 @@ def simulate_petab(problem_yaml: str | os.PathLike, parameters: Mapping[str, flo
     import libsbml
     import pandas as pd
 
-    from qspjax import omex, sbml
+    from qspjax.interop import omex, sbml
     from qspjax.model.composer import QSPModel
     from qspjax.params import load_parameters
     from qspjax.regimen import compile_schedule

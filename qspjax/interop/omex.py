@@ -94,7 +94,7 @@ def _libs():
 def observable_ids(model, y0) -> dict[str, list[str]]:
     """{observable: [SBML id per element]} of the model's observables, lesion/drug order as in
     ``model.observables(y0)`` (flattened drug-major for drug x lesion arrays)."""
-    from qspjax import sbml
+    from qspjax.interop import sbml
 
     obs = model.observables(y0)
     states = sbml.state_names(model)
