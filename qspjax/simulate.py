@@ -69,7 +69,7 @@ class SolverConfig:
     rtol: float = 1e-6
     atol: float = 1e-9
     max_steps: int = 4096
-    max_restarts: int = 4
+    max_restarts: int = 12
     pretreatment_max_days: float = 3650.0
     newton_tol_factor: float = 100.0
     first_step_days: float = 1e-3

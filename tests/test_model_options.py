@@ -7,7 +7,6 @@ import argparse
 import pytest
 
 from qspjax.commands import _model_options as mo
-from qspjax.errors import QSPValidationError
 from qspjax.params import load_parameters
 from qspjax.vpop import load_population
 
@@ -49,6 +48,8 @@ def test_extra_files_go_over_the_calibration_and_population_replaces_it(tmp_path
     assert record["population_file"] == str(pop)
 
 
-def test_uncalibrated_with_explicit_params_is_refused_naming_the_flag():
-    with pytest.raises(QSPValidationError, match="--uncalibrated"):
-        mo.resolve(_args("--uncalibrated", "--params", "x.yaml"))
+def test_uncalibrated_with_explicit_params_is_the_explicit_file_alone(tmp_path):
+    mine = tmp_path / "mine.yaml"
+    choice = mo.resolve(_args("--uncalibrated", "--params", str(mine)))
+    assert not choice.calibrated and choice.main == mine and choice.extra == ()
+    assert choice.population == mo.DEFAULT_POPULATION

@@ -21,7 +21,7 @@ from test_optimize import _space
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cohort():
-    from qspjax.commands.stop_time import CALIBRATED_PARAMS, CALIBRATED_POPULATION
+    from qspjax.commands._model_options import CALIBRATED_PARAMS, CALIBRATED_POPULATION
     from qspjax.params import load_parameters
     from qspjax.runner import build_population
     from qspjax.simulate import SolverConfig
@@ -34,6 +34,7 @@ def cohort():
     return population, config
 
 
+@pytest.mark.slow  # compiles the regimen objective and its gradient through the solver
 def test_gradient_matches_finite_differences_for_every_continuous_variable(cohort):
     from qspjax.analysis.optimize import CohortObjective, parse_space
 

@@ -43,7 +43,7 @@ def independent(stop_run):
     """The same cohort, solved by ``treat_population`` under regimens truncated to k and k - 1
     doses for the first patient with a stop after at least two doses, and under the full regimen."""
     from qspjax.analysis.stop_time import StopCriterion, assess_control
-    from qspjax.commands.stop_time import CALIBRATED_PARAMS, CALIBRATED_POPULATION
+    from qspjax.commands._model_options import CALIBRATED_PARAMS, CALIBRATED_POPULATION
     from qspjax.params import load_parameters
     from qspjax.regimen import load_regimen, parse_regimen
     from qspjax.runner import build_population, treat_population
@@ -74,6 +74,7 @@ def independent(stop_run):
     return target, k, reads
 
 
+@pytest.mark.slow  # a 6-patient cohort through the solver (~5 min on 2 shared cores)
 def test_summary_is_strict_json_with_one_entry_per_patient_and_consistent_quantiles(stop_run):
     out, s = stop_run
     assert len(s["patients"]) == N_PATIENTS and s["n_patients"] == N_PATIENTS
@@ -106,6 +107,7 @@ def test_summary_is_strict_json_with_one_entry_per_patient_and_consistent_quanti
     assert (out / "stop_time.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # a 6-patient cohort through the solver (~5 min on 2 shared cores)
 def test_stop_is_confirmed_by_solving_one_dose_fewer_and_the_stop_itself(independent):
     target, k, (at_stop, one_fewer, full) = independent
     i = target["patient"]
@@ -119,6 +121,7 @@ def test_stop_is_confirmed_by_solving_one_dose_fewer_and_the_stop_itself(indepen
     assert full["sod"][i, -1] == pytest.approx(target["sod_mm_at_horizon_full_regimen"], rel=1e-3)
 
 
+@pytest.mark.slow  # a 6-patient cohort through the solver (~5 min on 2 shared cores)
 def test_patient_never_controlled_gets_no_safe_stop(stop_run, independent):
     _, s = stop_run
     _, _, (_, _, full) = independent

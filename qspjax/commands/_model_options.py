@@ -9,7 +9,7 @@ options and resolves them the same way:
   fitted and to which arms);
 - ``--uncalibrated``: the uncalibrated defaults (``configs/params/qspio_example1.yaml``,
   ``configs/params/population.yaml``), i.e. QSP-IO's published values;
-- an explicit ``--params FILE``: that file alone (a parameter file of one's own is not mixed with
+- an explicit ``--params FILE`` (with or without ``--uncalibrated``): that file alone (a parameter file of one's own is not mixed with
   a calibration fitted to other values), with the default population unless ``--population``;
 - ``--params-extra FILE``: applied over whatever the above chose (later files win);
 - ``--population FILE``: replaces the chosen population; parameters stay as chosen.
@@ -24,7 +24,6 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from qspjax.errors import QSPValidationError
 from qspjax.params import PARAMS_DIR
 
 CALIBRATED_DIR = PARAMS_DIR / "calibrated"
@@ -70,10 +69,6 @@ class ModelChoice:
 
 def resolve(args: argparse.Namespace) -> ModelChoice:
     """The parameter and population files that ``args`` ask for (see the module docstring)."""
-    if args.uncalibrated and args.params:
-        raise QSPValidationError("command line", "--uncalibrated", True,
-                                 "give either --uncalibrated or an explicit --params, not both "
-                                 "(an explicit --params is already uncalibrated)")
     use_calibration = not args.uncalibrated and args.params is None
     main = Path(args.params) if args.params else DEFAULT_PARAMS
     extra = ((CALIBRATED_PARAMS,) if use_calibration else ()) + tuple(Path(p) for p in args.params_extra)
