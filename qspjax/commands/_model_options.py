@@ -24,6 +24,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from qspjax.errors import QSPValidationError
 from qspjax.params import PARAMS_DIR
 
 CALIBRATED_DIR = PARAMS_DIR / "calibrated"
@@ -77,6 +78,16 @@ def resolve(args: argparse.Namespace) -> ModelChoice:
     else:
         population = CALIBRATED_POPULATION if use_calibration else DEFAULT_POPULATION
     return ModelChoice(main, extra, population, calibrated=use_calibration)
+
+
+def check_cohort_flags(args: argparse.Namespace) -> None:
+    """Refuse a non-positive ``--patients`` or ``--chunk`` and an ``--rtol`` outside (0, 1e-2)."""
+    if args.patients <= 0:
+        raise QSPValidationError("command line", "--patients", args.patients, "must be a positive integer")
+    if args.chunk <= 0:
+        raise QSPValidationError("command line", "--chunk", args.chunk, "must be a positive integer")
+    if not (0 < args.rtol < 1e-2):
+        raise QSPValidationError("command line", "--rtol", args.rtol, "must be in (0, 1e-2)")
 
 
 def _rel(path: Path) -> str:

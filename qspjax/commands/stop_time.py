@@ -28,12 +28,7 @@ def model_files(args) -> model_options.ModelChoice:
 
 
 def check_model_arguments(args) -> None:
-    if args.patients <= 0:
-        raise QSPValidationError("command line", "--patients", args.patients, "must be a positive integer")
-    if args.chunk <= 0:
-        raise QSPValidationError("command line", "--chunk", args.chunk, "must be a positive integer")
-    if not (0 < args.rtol < 1e-2):
-        raise QSPValidationError("command line", "--rtol", args.rtol, "must be in (0, 1e-2)")
+    model_options.check_cohort_flags(args)
     for path in (args.params, args.population, *(args.params_extra or [])):
         if path is not None and not Path(path).is_file():
             raise QSPValidationError("command line", "--params/--params-extra/--population", str(path),

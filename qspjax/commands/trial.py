@@ -65,12 +65,7 @@ def register(sub) -> None:
 
 
 def _check(args) -> None:
-    if args.patients <= 0:
-        raise QSPValidationError("command line", "--patients", args.patients, "must be a positive integer")
-    if args.chunk <= 0:
-        raise QSPValidationError("command line", "--chunk", args.chunk, "must be a positive integer")
-    if not (0 < args.rtol < 1e-2):
-        raise QSPValidationError("command line", "--rtol", args.rtol, "must be in (0, 1e-2)")
+    model_options.check_cohort_flags(args)
     if not (math.isfinite(args.output_every) and args.output_every > 0):
         raise QSPValidationError("command line", "--output-every", args.output_every, "must be a positive number of days")
     for name in ("days", "assessment_interval"):
