@@ -216,7 +216,10 @@ def test_cli_profile_writes_the_tables_plots_and_readings(fit_dir, tmp_path, cap
     # q_T1_T_in does not enter the kinetics surrogate: flat, non-identifiable
     q = doc["parameters"]["q_T1_T_in"]
     assert not q["identifiable"] and "non-identifiable" in q["reading"] and q["interval_95"] == [None, None]
-    assert q["max_delta"] < 1e-3
+    # Flat up to the inner re-optimisation's error: the fixture's fit stops after 40 Adam steps, so
+    # re-optimising the others at each fixed value moves the objective by a few hundredths of a nat
+    # (0.034 measured on a clean clone), far below the 1.92 that would make it informative.
+    assert q["max_delta"] < 0.1
     g = doc["parameters"]["k_C1_growth"]
     assert g["max_delta"] > THRESHOLD_95 and g["interval_95"][0] is not None  # the data bound it from below
     import csv

@@ -296,6 +296,11 @@ def write_profiles(out: Path, profiles: list[Profile], info: dict) -> dict[str, 
         files[f"png:{p.parameter}"] = plot_profile(p, f_min, info, out / f"profile_{_safe(p.parameter)}.png")
     doc = dict(info)
     doc["minimum"] = f_min
+    for p in profiles:  # a profile point below the re-optimised fit is the better minimum: report its parameters
+        k = int(np.argmin(p.objectives))
+        if p.thetas is not None and float(p.objectives[k]) == f_min and f_min < info["minimum"]:
+            doc["theta_at_minimum"] = dict(zip(info["theta_at_minimum"], map(float, p.thetas[k])))
+            doc["minimum_found_on_profile_of"] = p.parameter
     doc["parameters"] = {p.parameter: {
         "reading": p.reading, "identifiable": p.reading == "identifiable",
         "optimum": p.optimum, "interval_95": [p.lower, p.upper], "box": list(p.box),
