@@ -389,13 +389,6 @@ def summarise(result: StopTimeResult) -> dict[str, Any]:
     }
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Strict JSON (non-finite numbers as null with a reason), written atomically."""
-    from qspjax.io import atomic_write_json
-
-    atomic_write_json(path, obj)
-
-
 def plot_stop_times(path: Path, result: StopTimeResult, summary: dict[str, Any]) -> Path:
     """Three panels: ECDF of the stop day, histogram of doses spared, and the one-size-stop risk."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -431,13 +424,15 @@ def plot_stop_times(path: Path, result: StopTimeResult, summary: dict[str, Any])
 
 def write_stop_time(out: Path, result: StopTimeResult, prov: dict[str, Any], extra: dict[str, Any] | None = None
                     ) -> dict[str, Any]:
+    from qspjax.io import atomic_write_json
+
     out = Path(out)
     summary = summarise(result)
     if extra:
         summary.update(extra)
     plot_stop_times(out / "stop_time.png", result, summary)
-    write_json(out / "summary.json", summary)
-    write_json(out / "run.json", prov)
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / "run.json", prov)
     return summary
 
 

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     from qspjax.analysis.optimize import (CohortObjective, free_numeric, load_space, optimize, plot_convergence,
                                           regimen_document, values_of, write_regimen)
-    from qspjax.analysis.stop_time import write_json
+    from qspjax.io import atomic_write_json
     from qspjax.io import prepare_out_dir, provenance
     from qspjax.params import CONFIG_DIR, load_parameters
     from qspjax.regimen import load_regimen
@@ -154,8 +154,8 @@ def run(args: argparse.Namespace) -> int:
         "wall_time_s": {"optimisation": t_opt, "heldout": t_held, "total": time.perf_counter() - t0} | result.timing,
     }
     plot_convergence(out / "convergence.png", result)
-    write_json(out / "summary.json", summary)
-    write_json(out / "run.json", prov)
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / "run.json", prov)
     print(comparison_table(summary), end="")
     print(f"outputs in {out} ({summary['wall_time_s']['total']:.0f} s)")
     return 0
