@@ -76,6 +76,7 @@ class SolverConfig:
     pcoeff: float = 0.0
     icoeff: float = 1.0
     sparse_jacobian: bool = True
+    nonnegative: bool = True
 
     def make_solver(self):
         try:
@@ -86,7 +87,7 @@ class SolverConfig:
             return cls()
         if cls is Rodas4:
             # The model's vector field does not depend on time.
-            return Rodas4(autonomous=True, sparse_jacobian=self.sparse_jacobian)
+            return Rodas4(autonomous=True, sparse_jacobian=self.sparse_jacobian, nonnegative=self.nonnegative)
         # The stage equations need to be solved only well inside the local error the controller
         # accepts (Hairer & Wanner's Radau5 stops Newton at ~0.03 of it). Solving them to the
         # controller's own tolerance made ~40 % of the steps fail on Newton, not on accuracy

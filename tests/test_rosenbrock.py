@@ -121,3 +121,31 @@ def test_rejected_non_finite_trial_step_leaves_the_gradient_finite(closed_over):
     assert float(y) == pytest.approx((1 + k) ** -2, rel=1e-6)
     grad = float(jax.grad(lambda kk: _overshooting_solve(kk, closed_over)[0])(k))
     assert grad == pytest.approx(-2 * (1 + k) ** -3, rel=1e-5)  # d/dk (1 + k T/2)^-2, T = 2
+
+
+def _michaelis_menten(t, y, args):
+    # A pool eliminated by saturable (zero-order) kinetics, K = 1e-4, feeding a second pool: the
+    # exact solution stays >= 0; below -K the first rate law has passed its pole.
+    k_m = 1e-4
+    rate = y[0] / (k_m + y[0])
+    return jnp.stack([-rate, 0.5 * rate - 0.1 * y[1]])
+
+
+def test_nonnegative_projection_keeps_a_saturable_elimination_in_its_orthant():
+    # At a loose tolerance the plain method steps across zero into the pole of y / (K + y) and
+    # ends far below zero; with the projection (and the projection counted as error) every step
+    # ends >= 0 and the fed pool matches Radau.
+    ref = solve_ivp(lambda t, y: np.asarray(_michaelis_menten(t, jnp.asarray(y), None)), (0.0, 5.0),
+                    [1.0, 0.0], method="Radau", rtol=1e-11, atol=1e-13)
+    out = {}
+    for nonneg in (False, True):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(_michaelis_menten), Rodas4(autonomous=True, sparse_jacobian=False, nonnegative=nonneg),
+            0.0, 5.0, 1e-3, jnp.array([1.0, 0.0]),
+            stepsize_controller=dfx.PIDController(rtol=1e-3, atol=1e-3, pcoeff=0.0, icoeff=1.0),
+            saveat=dfx.SaveAt(steps=True), max_steps=1000, throw=False)
+        ys = np.asarray(sol.ys)
+        out[nonneg] = ys[np.isfinite(ys[:, 0])]
+    assert out[False][:, 0].min() < -1.0
+    assert out[True].min() >= 0.0
+    assert abs(out[True][-1, 1] - ref.y[1, -1]) < 2e-3 * ref.y[1, -1]
