@@ -277,6 +277,20 @@ def test_cli_end_to_end(tmp_path):
     assert main(["sensitivity", str(path), "--out", str(tmp_path / "o2"), "--n", "0"]) == 2
 
 
+def test_cli_local_only(tmp_path):
+    from qspjax.cli import main
+
+    path = write_analysis(tmp_path)
+    out = tmp_path / "local_only"
+    assert main(["sensitivity", str(path), "--out", str(out), "--no-global", "--quiet"]) == 0
+    assert not (out / "indices.csv").exists() and (out / "local.csv").exists()
+    run = _strict_json((out / "run.json").read_text())
+    assert run["results"]["model_evaluations"] == 1 and "sobol" not in run["results"]
+    # both halves switched off is refused before any output is written
+    assert main(["sensitivity", str(path), "--out", str(tmp_path / "none"), "--no-global", "--no-local"]) == 2
+    assert not (tmp_path / "none").exists()
+
+
 def test_shipped_analysis_file_loads():
     a = load_analysis(REPO / "configs/sensitivity/rt_nivolumab_endpoints.yaml")
     assert a.simulator == "qsp" and {"nivolumab", "rt_nivolumab"} <= set(a.regimens)

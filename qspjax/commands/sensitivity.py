@@ -22,6 +22,8 @@ def register(sub) -> None:
                    help="Sobol base sample size N (default: the file's global.n); the model runs 2N(d+2) times")
     p.add_argument("--seed", type=int, default=None, help="seed of the global samples and bootstrap (default: the file's)")
     p.add_argument("--no-local", action="store_true", help="skip the local (autodiff) analysis")
+    p.add_argument("--no-global", action="store_true",
+                   help="skip the global (Sobol, Morris) analysis: local sensitivities only")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_sensitivity)
@@ -32,10 +34,17 @@ def run_sensitivity(args: argparse.Namespace) -> int:
         raise QSPValidationError("command line", "--n", args.n, "a positive integer >= 2 (Sobol base sample size) is required")
     if args.seed is not None and args.seed < 0:
         raise QSPValidationError("command line", "--seed", args.seed, "a non-negative integer is required")
+    if args.no_local and args.no_global:
+        raise QSPValidationError("command line", "--no-global", True,
+                                 "at most one of --no-local and --no-global (together they leave nothing to run)")
     from qspjax.analysis import sensitivity as sa
     from qspjax.io import atomic_write_json, atomic_write_text, prepare_out_dir, provenance
 
     analysis = sa.load_analysis(args.analysis, n=args.n, seed=args.seed)  # everything checked before compute
+    if args.no_global and analysis.local is None:
+        raise QSPValidationError(args.analysis, "local", None,
+                                 "a 'local' section is required with --no-global (nothing else would run)")
+    methods = () if args.no_global else analysis.methods
     out = prepare_out_dir(args.out, args.overwrite)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     config["analysis_file"] = analysis.raw
@@ -47,7 +56,7 @@ def run_sensitivity(args: argparse.Namespace) -> int:
     rows: list[dict] = []
     summary: dict = {"outputs": model.output_ids, "parameters": [f.id for f in analysis.factors]}
     sobol = None
-    if "sobol" in analysis.methods:
+    if "sobol" in methods:
         t = time.perf_counter()
         sobol = sa.sobol_indices(model.sampled(progress, "Sobol samples"), analysis.problem(), analysis.n,
                                  analysis.seed, num_resamples=analysis.num_resamples,
@@ -57,7 +66,7 @@ def run_sensitivity(args: argparse.Namespace) -> int:
         summary["sobol"] = {"N": sobol.n, "evaluations": sobol.n_evaluations,
                             "max_change_N_2N": dict(zip(sobol.outputs, sobol.max_change.tolist())),
                             "constant_outputs": [o for o, c in zip(sobol.outputs, sobol.constant) if c]}
-    if "morris" in analysis.methods:
+    if "morris" in methods:
         t = time.perf_counter()
         morris = sa.morris_effects(model.sampled(progress, "Morris trajectories"), analysis.morris_problem(),
                                    analysis.morris_trajectories, analysis.morris_levels, analysis.seed,
