@@ -32,7 +32,7 @@ from qspjax.io import atomic_write_json, atomic_write_text
 from qspjax.regimen import Regimen, load_regimen, parse_regimen
 from qspjax.runner import CohortResult, status_counts, write_trajectories
 
-TARGET_LESIONS = ("all", "non_irradiated")
+TARGET_LESIONS = ("all", "irradiated", "non_irradiated")
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def evaluate(result: CohortResult, assessment: Assessment = Assessment(), seed: 
     n_lesions = diam_mm.shape[1]
     if assessment.target == "non_irradiated" and n_lesions < 2:
         raise QSPValidationError("assessment", "target", assessment.target, "needs a model with two lesions")
-    target = np.ones(n_lesions, bool) if assessment.target == "all" else np.arange(n_lesions) == 1
+    target = target_mask(assessment.target, n_lesions)
     ok = result.status == 0
     viable = result.viable_fraction_at_surgery
     arm = oc.arm_endpoints(
@@ -363,6 +363,15 @@ class Protocol:
     label: str
     regimen: Regimen
     reported: Mapping[str, Any] = field(default_factory=dict)
+
+
+def target_mask(target: str, n_lesions: int) -> np.ndarray:
+    """Which lesions are RECIST target lesions: ``all``, ``irradiated`` (lesion 0, the one RT aims
+    at: the seed review's QSP-IO setting, one tumor irradiated as a whole) or ``non_irradiated``
+    (lesion 1: trials that score the unirradiated lesions, PEMBRO-RT-like)."""
+    if target == "all":
+        return np.ones(n_lesions, bool)
+    return np.arange(n_lesions) == (0 if target == "irradiated" else 1)
 
 
 @dataclass(frozen=True)

@@ -391,3 +391,25 @@ def test_bad_orr_assessment_months_is_refused_naming_file_and_field(tmp_path, va
     with pytest.raises(QSPValidationError) as err:
         load_trial_file(bad)
     assert "orr_assessment_months" in err.value.field and str(bad) in str(err.value) and allowed in str(err.value)
+
+
+def _two_lesions(days, d):
+    return CohortResult(regimen=parse_regimen({"name": "synthetic"}), days=days,
+                        observables={"tumor_diameter_cm": d / 10.0}, status=np.zeros(len(d), int),
+                        baseline_diameter_cm=d[:, 0].sum(axis=1) / 10.0, tps_class=np.zeros(len(d), int), drugs=(),
+                        lesions=("irradiated", "non_irradiated"), viable_fraction_at_surgery=np.full(len(d), np.nan))
+
+
+def test_target_lesion_choice_scores_the_chosen_lesion():
+    # Two lesions: the irradiated one (0) shrinks 100 -> 20 mm, the other (1) grows 50 -> 80 mm.
+    days = np.arange(0.0, 401.0, 7.0)
+    d = np.stack([_piecewise(days, [(0, 100), (56, 20)]), _piecewise(days, [(0, 50), (56, 80)])], axis=-1)[None]
+    best = {t: evaluate(_two_lesions(days, d), Assessment(target=t)).best.category.tolist()[0]
+            for t in ("all", "irradiated", "non_irradiated")}
+    # sum 150 -> 100 mm is -33 %: PR; the irradiated lesion alone -80 %: PR; the other +60 %: PD
+    assert best == {"all": oc.PR, "irradiated": oc.PR, "non_irradiated": oc.PD}
+    d[0, 1:, 0] = 4.0  # the irradiated lesion below the 5 mm detection limit after day 0
+    assert evaluate(_two_lesions(days, d), Assessment(target="irradiated")).best.category.tolist() == [oc.CR]
+    assert evaluate(_two_lesions(days, d), Assessment(target="all")).best.category.tolist() == [oc.PR]
+    with pytest.raises(QSPValidationError, match="target"):
+        Assessment(target="lesion_3")

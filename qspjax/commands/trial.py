@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from pathlib import Path
 
@@ -37,8 +38,9 @@ def register(sub) -> None:
                    help="simulated days (default: the arm's follow-up, else 400)")
     p.add_argument("--assessment-interval", type=float, default=56.0,
                    help="days between RECIST assessments (default 56 = 8 weeks)")
-    p.add_argument("--target", choices=("all", "non_irradiated"), default="all",
-                   help="RECIST target lesions (default all; PEMBRO-RT-like trials: non_irradiated)")
+    p.add_argument("--target", choices=("all", "irradiated", "non_irradiated"), default="all",
+                   help="RECIST target lesions (default all; PEMBRO-RT-like trials: non_irradiated; "
+                        "the seed's one-tumor QSP-IO setting: irradiated)")
     p.add_argument("--death-rate-per-day", type=float, default=0.0,
                    help="constant competing death hazard for PFS (default 0)")
     p.add_argument("--no-match", action="store_true", help="do not match the arm's baseline mix")
@@ -60,6 +62,9 @@ def register(sub) -> None:
                    help="a calibration's posterior (DIR/posterior.nc): every protocol's rates also as "
                         "posterior-predictive credible intervals (summary.json: protocols[].posterior_predictive)")
     c.add_argument("--posterior-draws", type=int, default=16, help="posterior draws simulated (default 16)")
+    c.add_argument("--target", choices=("all", "irradiated", "non_irradiated"), default=None,
+                   help="RECIST target lesions, replacing the experiment file's assessment.target "
+                        "(irradiated: the seed's one-tumor setting, the irradiated lesion alone)")
     _common(c)
     c.set_defaults(func=run_compare)
 
@@ -195,6 +200,9 @@ def run_compare(args: argparse.Namespace) -> int:
     from qspjax.vpop import load_population
 
     experiment = load_experiment(args.experiment)
+    if args.target is not None:
+        experiment = dataclasses.replace(experiment, assessment=dataclasses.replace(experiment.assessment,
+                                                                                    target=args.target))
     if args.output_every > experiment.days:
         raise QSPValidationError("command line", "--output-every", args.output_every,
                                  f"must be at most the experiment's days ({experiment.days:g})")
