@@ -69,9 +69,14 @@ class SBMLExportError(ValueError):
     new primitive rule in :class:`_Interpreter`)."""
 
 
-# Modules whose ``monotone_root`` becomes a relaxation state, with the exported state's name.
+# Modules whose ``monotone_root`` becomes a relaxation state, with the exported state's name (a
+# root solved with a ``name`` is exported under that name: the checkpoint module's synapses that
+# an antibody class does not reach, ``PD1_free_untreated``...).
 _QSS_ROOTS = (("qspjax.model.checkpoint", "PD1_free"), ("qspjax.model.tcells", "IL2_LN"))
-_QSS_UNITS = {"PD1_free": "molecule/micrometer^2", "IL2_LN": "molarity"}
+
+
+def _qss_unit(tag: str) -> str:
+    return "molarity" if tag == "IL2_LN" else "molecule/micrometer^2"
 # Repeated assignments worth a name in the SBML (aux keys of QSPModel.assignments / observables).
 _NAMED_AUX = ("V_T", "cells_in_lesion", "R_Tcell", "icd_release", "H_PD1", "pd1_drug_occupancy",
               "P0_T", "P1_T", "H_APC", "H_mAPC", "H_P0", "H_P1", "N_aT", "aPD1", "aPDL1",
@@ -363,9 +368,12 @@ def state_names(model: QSPModel) -> dict[str, np.ndarray]:
 
 def qss_values(model: QSPModel, y: State) -> dict[str, jax.Array]:
     """The quasi-steady values qspjax solves for at state ``y`` (initial values of the
-    relaxation states): free synapse PD-1 per lesion (molecules/µm²) and lymph-node IL-2 (M)."""
+    relaxation states): free synapse PD-1 per lesion (molecules/µm²), also in the synapses an
+    antibody class does not reach (target-class E_max), and lymph-node IL-2 (M)."""
     aux = model.assignments(y)
-    return {"PD1_free": aux["synapse"]["PD1"], "IL2_LN": aux["IL2_LN"]}
+    out = {"PD1_free": aux["synapse"]["PD1"], "IL2_LN": aux["IL2_LN"]}
+    out |= {name: syn["PD1"] for name, syn in aux.get("synapse_unreached", {}).items()}
+    return out
 
 
 class Formulas:
@@ -387,11 +395,12 @@ def trace_formulas(model: QSPModel, y: State) -> Formulas:
     residuals: dict = {}
 
     def fake_root(tag):
-        def root(residual, lo, hi, iterations=80):
-            x = current[tag]
-            if tag not in residuals:
+        def root(residual, lo, hi, iterations=80, name=None):
+            key = tag if name is None else name
+            x = current[key]
+            if key not in residuals:
                 r, dr = jax.jvp(residual, (x,), (jnp.ones_like(x),))
-                residuals[tag] = (r, dr)
+                residuals[key] = (r, dr)
             return x
         return root
 
@@ -643,7 +652,7 @@ def build_document(model: QSPModel, y0: State, schedule: Schedule | None = None,
                 spec = DRUG_PARAMS[base]
             add_param(pid, np.asarray(leaf)[i], spec.unit, True, spec.meaning)
     add_param("k_relax_qss", k_relax_per_day, "1/day", True,
-              "relaxation rate of the exported quasi-steady states (PD1_free, IL2_LN) to their roots")
+              "relaxation rate of the exported quasi-steady states (PD1_free..., IL2_LN) to their roots")
 
     # States (rate rules) and relaxation states.
     formulas = trace_formulas(model, y0)
@@ -656,7 +665,7 @@ def build_document(model: QSPModel, y0: State, schedule: Schedule | None = None,
     for tag, vals in qss_values(model, y0).items():
         ids = _names_like(tag, np.shape(vals), model.drugs, model.n_lesions)
         for i, sid in np.ndenumerate(ids):
-            qss_units[sid] = _QSS_UNITS[tag]
+            qss_units[sid] = _qss_unit(tag)
             add_param(log_qss_name(sid), math.log(max(float(np.asarray(vals)[i]), 1e-300)), None, False,
                       f"log of {sid} (a quasi-steady state exported as a fast relaxation state, see k_relax_qss)")
     for rid in formulas.rules:
