@@ -284,7 +284,7 @@ def test_solver_gradients_wrt_emax_and_lql_match_finite_differences(params):
     model = _model(params, d_transition_tumor=D_T, blockade_emax_PD1=0.7)
     y0 = _state(params, model)
     sched = compile_schedule(parse_regimen(_ici(("nivolumab",), rt_gy=10.0)), model.drugs,
-                             np.array([0.0, 2.0, 5.0]), n_lesions=1)
+                             np.array([0.0, 0.5, 2.0]), n_lesions=1)
     config = SolverConfig(rtol=1e-9, atol=1e-12, max_steps=100_000)
     where = {"blockade_emax_PD1": lambda m: m.checkpoint.p["blockade_emax_PD1"],
              "d_transition_tumor": lambda m: m.rt.p["d_transition_tumor"],
@@ -306,6 +306,41 @@ def test_solver_gradients_wrt_emax_and_lql_match_finite_differences(params):
         assert np.isfinite(float(grad[k]))
         assert float(grad[k]) == pytest.approx(fd, rel=1e-4, abs=1e-8), k
         assert abs(fd) > 1e-6, k  # each parameter does move the objective
+
+
+# --- SBML export -------------------------------------------------------------------------------
+def test_sbml_export_carries_emax_and_lql(params):
+    pytest.importorskip("libsbml")
+    roadrunner = pytest.importorskip("roadrunner")
+    from qspjax.interop import sbml
+
+    model = _model(params, n_lesions=2, blockade_emax_PD1=0.6, d_transition_tumor=D_T)
+    y0 = _with_drug(model, _state(params, model))
+    runner = roadrunner.RoadRunner(sbml.export_sbml(model, y0))
+    assert runner["blockade_emax_PD1"] == 0.6 and runner["d_transition_tumor"] == D_T
+    rates = dict(zip((c.rstrip("'") for c in runner.getRatesOfChangeNamedArray().colnames), runner.getRatesOfChange()))
+    ours = model.rates(y0)  # eager, as qss_values (the exported roots) is evaluated
+    for key, ids in sbml.state_names(model).items():
+        for i, sid in np.ndenumerate(ids):
+            assert rates[sid] == pytest.approx(float(np.asarray(ours[key])[i]), rel=1e-10, abs=1e-300), sid
+    qss = sbml.qss_values(model, y0)
+    assert set(qss) == {"PD1_free", "PD1_free_untreated", "IL2_LN"}
+    # At emax 1 the unreached synapses weigh 0 and the export leaves them out (the QSP-IO export).
+    assert set(sbml.qss_values(_model(params, n_lesions=2), y0)) == {"PD1_free", "IL2_LN"}
+    for sid, x in zip(sbml._names_like("PD1_free_untreated", (2,), model.drugs, 2), np.asarray(qss["PD1_free_untreated"])):
+        assert runner[str(sid)] == pytest.approx(float(x), rel=1e-12)  # a relaxation state at its own root
+        assert abs(rates[sbml.log_qss_name(str(sid))]) <= 1e-6 * sbml.K_RELAX_QSS_PER_DAY
+    assert float(qss["PD1_free_untreated"][0]) > 10 * float(qss["PD1_free"][0])  # no antibody holds PD-1 there
+    # An RT fraction above d_T: the exported event applies the LQ-L survival.
+    reg = parse_regimen({"name": "rt", "rt": [{"dose_per_fraction_gy": 12, "fractions": 1, "days": [0], "lesion": "irradiated"}]})
+    schedule = compile_schedule(reg, model.drugs, np.array([0.0, 1.0]), n_lesions=2)
+    jump = sbml.trace_jump(model, y0, tuple(e[0] for e in schedule.events))
+    assert "d_transition_tumor" in jump["C1_irradiated"] and "piecewise" in jump["C1_irradiated"]
+    runner = roadrunner.RoadRunner(sbml.export_sbml(model, y0, schedule))
+    runner.simulate(0.0, 1e-9, 2)
+    s = float(np.exp(model.rt.log_survival(jnp.asarray(12.0))))
+    assert runner["C1_irradiated"] == pytest.approx(float(y0["C1"][0]) * s, rel=1e-6)
+    assert runner["C1_non_irradiated"] == pytest.approx(float(y0["C1"][1]), rel=1e-6)
 
 
 # --- parameter files, population and priors ---------------------------------------------------

@@ -24,7 +24,10 @@ What the SBML holds (time unit: day):
   root-found event per lesion.
 
 Quasi-steady states. qspjax solves two fast equilibria by a bracketed root inside its right-hand
-side: free PD-1 in each lesion's synapse and IL-2 in the lymph node (``monotone_root``). They have
+side: free PD-1 in each lesion's synapse (and, with an anti-PD-1/PD-L1 antibody in the model, in
+the synapses an antibody class does not reach: target-class E_max, ``PD1_free_untreated``,
+exported when an E_max is below 1, see :func:`exported_model`) and IL-2 in the lymph node
+(``monotone_root``). They have
 no closed form, and libRoadRunner does not support SBML algebraic rules, so each is exported as a
 fast relaxation state ``x`` with
 
@@ -51,12 +54,14 @@ from contextlib import ExitStack
 from typing import Sequence
 from unittest import mock
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
 from qspjax.model._base import State
+from qspjax.model.checkpoint import Checkpoints
 from qspjax.model.composer import QSPModel, drug_param_name, module_param_specs
 from qspjax.model.pk import DRUG_PARAMS
 from qspjax.regimen import Schedule
@@ -366,11 +371,22 @@ def state_names(model: QSPModel) -> dict[str, np.ndarray]:
     return {k: element_names(k, s.shape, drugs, n) for k, s in model.state_specs().items()}
 
 
+def exported_model(model: QSPModel) -> QSPModel:
+    """The model the export writes: at ``blockade_emax_<target>`` = 1 for every synapse target
+    present, the synapses an antibody class does not reach weigh exactly 0 and are left out (the
+    export is then the full-blockade QSP-IO math, without relaxation states that only slow an
+    SBML integrator: a 400-day CVODE run failed with them); below 1 they are exported."""
+    chk = model.checkpoint
+    if chk.blocked and all(float(chk.p[f"blockade_emax_{t}"]) == 1.0 for t in chk.blocked):
+        return eqx.tree_at(lambda m: m.checkpoint, model, Checkpoints(chk.p))
+    return model
+
+
 def qss_values(model: QSPModel, y: State) -> dict[str, jax.Array]:
     """The quasi-steady values qspjax solves for at state ``y`` (initial values of the
     relaxation states): free synapse PD-1 per lesion (molecules/µm²), also in the synapses an
     antibody class does not reach (target-class E_max), and lymph-node IL-2 (M)."""
-    aux = model.assignments(y)
+    aux = exported_model(model).assignments(y)
     out = {"PD1_free": aux["synapse"]["PD1"], "IL2_LN": aux["IL2_LN"]}
     out |= {name: syn["PD1"] for name, syn in aux.get("synapse_unreached", {}).items()}
     return out
@@ -389,6 +405,7 @@ class Formulas:
 
 def trace_formulas(model: QSPModel, y: State) -> Formulas:
     """Trace ``model.rates`` (with the quasi-steady roots as relaxation states) into formulas."""
+    model = exported_model(model)
     leaves, p_names = parameter_names(model)
     _, treedef = jax.tree_util.tree_flatten(model)
     qss0 = qss_values(model, y)
@@ -597,6 +614,8 @@ def build_document(model: QSPModel, y0: State, schedule: Schedule | None = None,
     """The SBML L3V2 document of one patient: ``model`` parameters, initial state ``y0`` (internal
     units; the state at the start of treatment), events of ``schedule`` (days from ``y0``)."""
     import libsbml
+
+    model = exported_model(model)
 
     doc = libsbml.SBMLDocument(3, 2)
     m = doc.createModel()
