@@ -166,8 +166,8 @@ class Checkpoints(eqx.Module):
         syn = aux["synapse"] if "synapse" in aux else self.synapse_equilibrium(y["pdl1_rt"], aux["aPD1"], aux["aPDL1"])
         signal = lambda s: self.pd1_signal(s["PD1_PDL1"] + s["PD1_PDL2"], p["PD1_50"], p["n_PD1"])
         h_pd1 = signal(syn)
-        if self.blocked:  # E_max: the reached synapses' signal, plus the unreached ones' (weight 0 at emax 1)
-            unreached = self.unreached_synapses(y["pdl1_rt"], aux["aPD1"], aux["aPDL1"])
+        unreached = self.unreached_synapses(y["pdl1_rt"], aux["aPD1"], aux["aPDL1"])
+        if unreached:  # E_max: the reached synapses' signal plus the unreached ones' (weights 0 at emax 1)
             reached = 1.0
             for target in self.blocked:
                 reached = reached * p[f"blockade_emax_{target}"]
@@ -178,17 +178,15 @@ class Checkpoints(eqx.Module):
         occ_ln = aux["aCTLA4_LN"] / (aux["aCTLA4_LN"] + kd_ctla4)
         occ_t = aux["aCTLA4_T"] / (aux["aCTLA4_T"] + kd_ctla4)
         emax_ctla4 = p["blockade_emax_CTLA4"]
-        out = {
+        return {
             "synapse": syn,
+            "synapse_unreached": {k: s for k, (_, s) in unreached.items()},
             "H_PD1": h_pd1,
             "pd1_drug_occupancy": (syn["PD1_aPD1"] + 2.0 * syn["PD1_aPD1_PD1"]) / self.totals(y["pdl1_rt"])[0],
             "ctla4_occupancy_LN": occ_ln,
             "ctla4_priming": 1.0 + p["ctla4_priming_emax"] * (emax_ctla4 * occ_ln),
             "ctla4_treg_depletion": p["k_CTLA4_ADCC"] * (emax_ctla4 * occ_t),
         }
-        if self.blocked:
-            out["synapse_unreached"] = {k: s for k, (_, s) in unreached.items()}
-        return out
 
     def rates(self, y: State, aux: dict) -> dict:
         return {"pdl1_rt": -self.p["k_pdl1_rt_decay"] * y["pdl1_rt"]}
