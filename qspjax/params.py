@@ -80,7 +80,7 @@ def _load_yaml(path: Path) -> Any:
         raise QSPValidationError(path, "(file)", str(path), f"is not valid YAML (truncated?): {detail}") from None
 
 
-def _convert_entry(path: Path, where: str, entry: Any, unit_to: str) -> float:
+def _convert_entry(path: Path, where: str, entry: Any, unit_to: str, upper: float | None = None) -> float:
     if not isinstance(entry, Mapping):
         raise QSPValidationError(path, where, entry, "a mapping with 'value' and 'unit' is required")
     unknown = set(entry) - _ENTRY_KEYS
@@ -102,6 +102,8 @@ def _convert_entry(path: Path, where: str, entry: Any, unit_to: str) -> float:
     except ValueError:
         raise QSPValidationError(path, f"{where}.unit", unit,
                                  f"must be convertible to {unit_to or 'dimensionless'}") from None
+    if upper is not None and float(value) * factor > upper:
+        raise QSPValidationError(path, f"{where}.value", value, f"must be at most {upper:g} {unit_to}".rstrip())
     return float(value) * factor
 
 
@@ -139,7 +141,7 @@ def load_parameter_file(path: str | Path, into: ParameterSet | None = None) -> P
         if name not in specs:
             raise QSPValidationError(path, f"parameters.{name}", name,
                                      "unknown parameter (is it misspelt?); see configs/params/README.md")
-        out.values[name] = _convert_entry(path, f"parameters.{name}", entry, specs[name].unit)
+        out.values[name] = _convert_entry(path, f"parameters.{name}", entry, specs[name].unit, specs[name].upper)
         out.origin[name] = str(path)
     for drug, block in (doc.get("drugs") or {}).items():
         where = f"drugs.{drug}"

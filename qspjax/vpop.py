@@ -118,6 +118,9 @@ def load_population(path: str | Path | None = None) -> PopulationSpec:
         dist = entry.get("distribution", "lognormal")
         if dist not in DISTRIBUTIONS:
             raise QSPValidationError(path, f"{where}.distribution", dist, f"allowed values are {list(DISTRIBUTIONS)}")
+        if dist == "lognormal" and specs[name].upper is not None:
+            raise QSPValidationError(path, f"{where}.distribution", dist,
+                                     f"{name} is at most {specs[name].upper:g}: use logitnormal (a lognormal draw can exceed it)")
         if "cv" not in entry:
             raise QSPValidationError(path, f"{where}.cv", None, "required field is missing")
         dists[name], cvs[name] = dist, number(f"{where}.cv", entry["cv"], 0.0, 10.0)

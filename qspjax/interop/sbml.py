@@ -24,7 +24,10 @@ What the SBML holds (time unit: day):
   root-found event per lesion.
 
 Quasi-steady states. qspjax solves two fast equilibria by a bracketed root inside its right-hand
-side: free PD-1 in each lesion's synapse and IL-2 in the lymph node (``monotone_root``). They have
+side: free PD-1 in each lesion's synapse (and, with an anti-PD-1/PD-L1 antibody in the model, in
+the synapses an antibody class does not reach: target-class E_max, ``PD1_free_untreated``,
+exported when an E_max is below 1, see :func:`exported_model`) and IL-2 in the lymph node
+(``monotone_root``). They have
 no closed form, and libRoadRunner does not support SBML algebraic rules, so each is exported as a
 fast relaxation state ``x`` with
 
@@ -51,12 +54,14 @@ from contextlib import ExitStack
 from typing import Sequence
 from unittest import mock
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
 from qspjax.model._base import State
+from qspjax.model.checkpoint import Checkpoints
 from qspjax.model.composer import QSPModel, drug_param_name, module_param_specs
 from qspjax.model.pk import DRUG_PARAMS
 from qspjax.regimen import Schedule
@@ -69,9 +74,14 @@ class SBMLExportError(ValueError):
     new primitive rule in :class:`_Interpreter`)."""
 
 
-# Modules whose ``monotone_root`` becomes a relaxation state, with the exported state's name.
+# Modules whose ``monotone_root`` becomes a relaxation state, with the exported state's name (a
+# root solved with a ``name`` is exported under that name: the checkpoint module's synapses that
+# an antibody class does not reach, ``PD1_free_untreated``...).
 _QSS_ROOTS = (("qspjax.model.checkpoint", "PD1_free"), ("qspjax.model.tcells", "IL2_LN"))
-_QSS_UNITS = {"PD1_free": "molecule/micrometer^2", "IL2_LN": "molarity"}
+
+
+def _qss_unit(tag: str) -> str:
+    return "molarity" if tag == "IL2_LN" else "molecule/micrometer^2"
 # Repeated assignments worth a name in the SBML (aux keys of QSPModel.assignments / observables).
 _NAMED_AUX = ("V_T", "cells_in_lesion", "R_Tcell", "icd_release", "H_PD1", "pd1_drug_occupancy",
               "P0_T", "P1_T", "H_APC", "H_mAPC", "H_P0", "H_P1", "N_aT", "aPD1", "aPDL1",
@@ -361,11 +371,25 @@ def state_names(model: QSPModel) -> dict[str, np.ndarray]:
     return {k: element_names(k, s.shape, drugs, n) for k, s in model.state_specs().items()}
 
 
+def exported_model(model: QSPModel) -> QSPModel:
+    """The model the export writes: at ``blockade_emax_<target>`` = 1 for every synapse target
+    present, the synapses an antibody class does not reach weigh exactly 0 and are left out (the
+    export is then the full-blockade QSP-IO math, without relaxation states that only slow an
+    SBML integrator: a 400-day CVODE run failed with them); below 1 they are exported."""
+    chk = model.checkpoint
+    if chk.blocked and all(float(chk.p[f"blockade_emax_{t}"]) == 1.0 for t in chk.blocked):
+        return eqx.tree_at(lambda m: m.checkpoint, model, Checkpoints(chk.p))
+    return model
+
+
 def qss_values(model: QSPModel, y: State) -> dict[str, jax.Array]:
     """The quasi-steady values qspjax solves for at state ``y`` (initial values of the
-    relaxation states): free synapse PD-1 per lesion (molecules/µm²) and lymph-node IL-2 (M)."""
-    aux = model.assignments(y)
-    return {"PD1_free": aux["synapse"]["PD1"], "IL2_LN": aux["IL2_LN"]}
+    relaxation states): free synapse PD-1 per lesion (molecules/µm²), also in the synapses an
+    antibody class does not reach (target-class E_max), and lymph-node IL-2 (M)."""
+    aux = exported_model(model).assignments(y)
+    out = {"PD1_free": aux["synapse"]["PD1"], "IL2_LN": aux["IL2_LN"]}
+    out |= {name: syn["PD1"] for name, syn in aux.get("synapse_unreached", {}).items()}
+    return out
 
 
 class Formulas:
@@ -381,17 +405,19 @@ class Formulas:
 
 def trace_formulas(model: QSPModel, y: State) -> Formulas:
     """Trace ``model.rates`` (with the quasi-steady roots as relaxation states) into formulas."""
+    model = exported_model(model)
     leaves, p_names = parameter_names(model)
     _, treedef = jax.tree_util.tree_flatten(model)
     qss0 = qss_values(model, y)
     residuals: dict = {}
 
     def fake_root(tag):
-        def root(residual, lo, hi, iterations=80):
-            x = current[tag]
-            if tag not in residuals:
+        def root(residual, lo, hi, iterations=80, name=None):
+            key = tag if name is None else name
+            x = current[key]
+            if key not in residuals:
                 r, dr = jax.jvp(residual, (x,), (jnp.ones_like(x),))
-                residuals[tag] = (r, dr)
+                residuals[key] = (r, dr)
             return x
         return root
 
@@ -589,6 +615,8 @@ def build_document(model: QSPModel, y0: State, schedule: Schedule | None = None,
     units; the state at the start of treatment), events of ``schedule`` (days from ``y0``)."""
     import libsbml
 
+    model = exported_model(model)
+
     doc = libsbml.SBMLDocument(3, 2)
     m = doc.createModel()
     m.setId(model_id)
@@ -643,7 +671,7 @@ def build_document(model: QSPModel, y0: State, schedule: Schedule | None = None,
                 spec = DRUG_PARAMS[base]
             add_param(pid, np.asarray(leaf)[i], spec.unit, True, spec.meaning)
     add_param("k_relax_qss", k_relax_per_day, "1/day", True,
-              "relaxation rate of the exported quasi-steady states (PD1_free, IL2_LN) to their roots")
+              "relaxation rate of the exported quasi-steady states (PD1_free..., IL2_LN) to their roots")
 
     # States (rate rules) and relaxation states.
     formulas = trace_formulas(model, y0)
@@ -656,7 +684,7 @@ def build_document(model: QSPModel, y0: State, schedule: Schedule | None = None,
     for tag, vals in qss_values(model, y0).items():
         ids = _names_like(tag, np.shape(vals), model.drugs, model.n_lesions)
         for i, sid in np.ndenumerate(ids):
-            qss_units[sid] = _QSS_UNITS[tag]
+            qss_units[sid] = _qss_unit(tag)
             add_param(log_qss_name(sid), math.log(max(float(np.asarray(vals)[i]), 1e-300)), None, False,
                       f"log of {sid} (a quasi-steady state exported as a fast relaxation state, see k_relax_qss)")
     for rid in formulas.rules:

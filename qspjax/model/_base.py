@@ -14,10 +14,12 @@ Params = Mapping[str, Float[Array, ""]]
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """A parameter a module reads: its internal unit and what it means."""
+    """A parameter a module reads: its internal unit and what it means; ``upper``, where set, is
+    the largest value it may take (a parameter file above it is refused)."""
 
     unit: str
     meaning: str
+    upper: float | None = None
 
 
 @dataclass(frozen=True)

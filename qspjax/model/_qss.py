@@ -7,8 +7,11 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def monotone_root(residual, lo, hi, iterations: int = 80):
+def monotone_root(residual, lo, hi, iterations: int = 80, name: str | None = None):
     """Root of an increasing ``residual(x)`` on ``[lo, hi]`` (elementwise over arrays).
+
+    ``name`` labels the root for the SBML export (a module solving several roots names each);
+    it does not change the result.
 
     Bisection locates the root without gradients; one Newton step from it then carries the
     exact implicit-function derivative dx/dθ = -r_θ / r_x with respect to anything ``residual``

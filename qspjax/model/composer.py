@@ -12,7 +12,7 @@ import numpy as np
 from qspjax.model._base import ParamSpec, State, StateSpec
 from qspjax.model.antigen import AntigenPresentation
 from qspjax.model.cancer import CancerCells, diameter_from_volume
-from qspjax.model.checkpoint import Checkpoints
+from qspjax.model.checkpoint import SYNAPSE_TARGETS, Checkpoints
 from qspjax.model.pk import DRUG_PARAMS, TARGETS, AntibodyPK
 from qspjax.model.radiotherapy import Radiotherapy
 from qspjax.model.tcells import TCells
@@ -86,7 +86,7 @@ class QSPModel(eqx.Module):
             pk_p[name] = jnp.asarray([values[drug_param_name(name, d)] for d in drugs], dtype=float).reshape(len(drugs))
         return cls(
             pk=AntibodyPK(pk_p, tuple(drugs), drug_targets),
-            checkpoint=Checkpoints(pick(Checkpoints.PARAMS)),
+            checkpoint=Checkpoints(pick(Checkpoints.PARAMS), tuple(t for t in SYNAPSE_TARGETS if t in drug_targets)),
             cancer=CancerCells(pick(CancerCells.PARAMS)),
             antigen=AntigenPresentation(pick(AntigenPresentation.PARAMS)),
             tcells=TCells(pick(TCells.PARAMS)),

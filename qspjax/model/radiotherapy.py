@@ -1,12 +1,16 @@
 """Radiotherapy, chemotherapy and surgery as instantaneous changes of state at their times.
 
-RT (one fraction of ``d`` Gy to a lesion): linear-quadratic survival S = exp(-a d - b d^2) of
-cancer cells, the lethally hit ones stopping division and dying over the next days; their
-immunogenic death releases antigen and DAMPs with a gain that rises with dose per fraction up to a peak and then falls (TREX1 induction
-above ~12 Gy, Vanpouille-Box 2017; seed review 004, section 3); kill of T cells in the field and of
-circulating and lymph-node T cells by the dose they receive (radiation-induced lymphopenia, an
-effective dose to immune cells that is larger per fraction for conventional fractionation than
-for SBRT, seed 004 section 5); and a PD-L1 up-regulation on the irradiated lesion's cancer cells.
+RT (one fraction of ``d`` Gy to a lesion): linear-quadratic-linear (LQ-L) survival of cancer cells,
+S = exp(-a d - b d^2) up to a transition dose d_T per fraction and log-linear beyond it with the LQ
+slope at d_T, S = exp(-a d_T - b d_T^2 - (a + 2 b d_T)(d - d_T)) (Astrahan 2008; Park et al. 2008:
+the LQ curve keeps bending at ablative doses where measured survival curves turn straight); with
+the default d_T (far above any fraction) it is the LQ model. The lethally hit cells stop dividing
+and die over the next days; their immunogenic death releases antigen and DAMPs with a gain that
+rises with dose per fraction up to a peak and then falls (TREX1 induction above ~12 Gy,
+Vanpouille-Box 2017; seed review 004, section 3); kill of T cells in the field and of circulating
+and lymph-node T cells by the dose they receive (radiation-induced lymphopenia, an effective dose
+to immune cells that is larger per fraction for conventional fractionation than for SBRT, seed
+004 section 5); and a PD-L1 up-regulation on the irradiated lesion's cancer cells.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class Radiotherapy(eqx.Module):
     PARAMS: ClassVar[dict[str, ParamSpec]] = {
         "alpha_tumor": ParamSpec("1/gray", "LQ alpha of NSCLC cells"),
         "alpha_beta_tumor": ParamSpec("gray", "LQ alpha/beta of NSCLC cells"),
+        "d_transition_tumor": ParamSpec("gray", "LQ-L transition dose per fraction of NSCLC cells"),
         "alpha_lymph": ParamSpec("1/gray", "LQ alpha of lymphocytes"),
         "alpha_beta_lymph": ParamSpec("gray", "LQ alpha/beta of lymphocytes"),
         "blood_dose_fraction_sbrt": ParamSpec("", "effective circulating-blood dose per fraction / prescribed dose, SBRT"),
@@ -52,6 +57,15 @@ class Radiotherapy(eqx.Module):
         x = dose_gy / self.p["icd_peak_dose_gy"]
         return 1.0 + self.p["icd_gain_max"] * x * jnp.exp(1.0 - x)
 
+    def log_survival(self, dose_gy):
+        """ln S of cancer cells after one fraction of ``dose_gy`` (LQ-L; LQ for d <= d_T)."""
+        p = self.p
+        beta = p["alpha_tumor"] / p["alpha_beta_tumor"]
+        d_t = p["d_transition_tumor"]
+        lq = -p["alpha_tumor"] * dose_gy - beta * dose_gy**2
+        linear = -p["alpha_tumor"] * dose_gy - beta * d_t * (2.0 * dose_gy - d_t)  # = LQ(d_T) - (a + 2 b d_T)(d - d_T)
+        return jnp.where(dose_gy <= d_t, lq, linear)
+
     @staticmethod
     def _doom(y: State, killed, gain) -> State:
         """Lethally hit cells stop dividing and die over days, releasing antigen and DAMPs."""
@@ -64,8 +78,7 @@ class Radiotherapy(eqx.Module):
     def fraction(self, y: State, dose_gy, blood_dose_gy, ln_dose_gy) -> State:
         """One RT fraction: ``dose_gy`` per lesion (L,), scalar blood and lymph-node doses (Gy)."""
         p = self.p
-        beta = p["alpha_tumor"] / p["alpha_beta_tumor"]
-        survival = jnp.exp(-p["alpha_tumor"] * dose_gy - beta * dose_gy**2)
+        survival = jnp.exp(self.log_survival(dose_gy))
         y = self._doom(y, y["C1"] * (1.0 - survival), self.icd_gain(dose_gy))
         lymph = lambda d: jnp.exp(-p["alpha_lymph"] * d - p["alpha_lymph"] / p["alpha_beta_lymph"] * d**2)
         s_field = lymph(dose_gy)
