@@ -95,8 +95,8 @@ def _model(args):
     from qspjax.inference.library import LibraryModel, load_library
 
     params, spec, priors, arms, settings, endpoints, record = _setup(args)
-    lib = load_library(args.library, [a.arm_id for a in arms])
-    return LibraryModel(lib, arms, priors, params, spec, mc_error=not args.no_mc_error), record
+    lib = load_library(args.library if len(args.library) > 1 else args.library[0], [a.arm_id for a in arms])
+    return LibraryModel(lib, arms, priors, params, spec, mc_error=args.mc_error), record
 
 
 def infer(args) -> dict:
@@ -114,9 +114,12 @@ def infer(args) -> dict:
     prov = provenance(config=vars(args) | {"library_sidecar": model.library.meta.get("provenance"),
                                           "library_settings_key": model.library.meta.get("settings_key"),
                                           "model": record}, seed=args.seed)
-    extra = {"nuts_wall_s": wall, "library": str(args.library), "library_settings_key": model.library.meta["settings_key"],
+    extra = {"nuts_wall_s": wall, "library": list(args.library), "library_settings_key": model.library.meta["settings_key"],
              "patients_per_arm": {a.arm_id: len(a) for a in model.library.arms},
-             "mc_error": model.mc_error, "route": "importance reweighting of a simulated library (fits/library.py)",
+             "mc_error": model.mc_error,
+             "mc_error_fixed_ess": None if model.fixed_ess is None else dict(zip([a.arm_id for a in model.arms],
+                                                                                 model.fixed_ess.tolist())),
+             "route": "importance reweighting of a simulated library (fits/library.py)",
              "prior_predictive_min_weight_ess": float(np.min(model.ess(model.prior_means())))}
     summary = write_posterior(out, mcmc, model, prov, extra)
     print(f"R-hat max {summary['rhat_max']:.4f}, bulk ESS min {summary['ess_bulk_min']:.0f}, divergences "
@@ -144,7 +147,7 @@ def sbc(args) -> dict:
     tests = uniformity(result.ranks, result.n_draws, bins=args.bins, alpha=0.01, seed=args.seed)
     summary = result_json(result, tests)
     summary["route"] = "importance reweighting of a simulated library (qspjax.inference.library)"
-    summary["library"] = {"path": str(args.library), "settings_key": model.library.meta["settings_key"],
+    summary["library"] = {"path": list(args.library), "settings_key": model.library.meta["settings_key"],
                           "simulator": model.library.meta.get("simulator"),
                           "patients_per_arm": {a.arm_id: len(a) for a in model.library.arms}}
     summary["provenance"] = provenance(config=vars(args) | {"model": record}, seed=args.seed)
@@ -171,7 +174,8 @@ def main(args: argparse.Namespace) -> dict:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--build", action="store_true", help="simulate the library into --out")
-    p.add_argument("--library", default=None, help="a library folder (library.json + arms/*.npz) to infer from")
+    p.add_argument("--library", nargs="+", default=None,
+                   help="library folder(s) (library.json + arms/*.npz) to infer from; several (other seeds) are merged")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="run file: arms, likelihood settings (rtol, scans)")
     p.add_argument("--priors", default=DEFAULT_PRIORS)
     p.add_argument("--arms", nargs="*", default=None, help="arm ids (default: the run file's fitted arms; 'all': every arm)")
@@ -188,7 +192,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=1000, help="post-warmup draws per chain")
     p.add_argument("--target-accept", type=float, default=0.9)
     p.add_argument("--max-tree-depth", type=int, default=8)
-    p.add_argument("--no-mc-error", action="store_true", help="leave out the Kish-ESS Monte-Carlo term")
+    p.add_argument("--mc-error", choices=("fixed", "ess", "none"), default="fixed",
+                   help="Monte-Carlo term 1/n + 1/M: M = each arm's median Kish ESS over prior draws (fixed), "
+                        "the ESS at theta (ess), or no term (none)")
     p.add_argument("--sbc", type=int, default=0, help="SBC replicates (instead of inference)")
     p.add_argument("--thin", type=int, default=2, help="SBC: keep every thin-th draw")
     p.add_argument("--bins", type=int, default=10, help="SBC: rank histogram bins")

@@ -128,13 +128,25 @@ def test_uniform_weights_reproduce_likelihood_py(setup):
         pred = Prediction(jnp.asarray(a.response.mean(0))[None], jnp.asarray(a.pfs.mean(0))[None], jnp.ones(1))
         ref = float(t.arm_log_likelihoods(pred)[0])
         assert ours[i] == pytest.approx(ref, rel=1e-10, abs=1e-9)
-    # with the Monte-Carlo term every size is 1/(1/n + 1/ESS) (ESS = 25 here: uniform weights)
-    wide = model_of(setup, lib, mc_error=True)
+    # with the Monte-Carlo term at theta's ESS every size is 1/(1/n + 1/ESS)
+    wide = model_of(setup, lib, mc_error="ess")
     for t, sizes in zip(wide.templates, wide.effective_sizes([25.0, 25.0])):
         n = t.terms[0].response_n
         assert sizes["response_n"] == pytest.approx(1 / (1 / n + 1 / 25.0))
         m = np.asarray(t.terms[0].pfs_at_risk, float)
         assert np.all(np.asarray(sizes["pfs_at_risk"]) < m)
+
+
+def test_fixed_monte_carlo_term_is_whole_patients_and_independent_of_theta(setup):
+    model = model_of(setup, fake_library(setup, n=20), mc_error="fixed")
+    assert model.fixed_ess.shape == (2,) and np.all((model.fixed_ess >= 1) & (model.fixed_ess <= 20))
+    a = model.effective_sizes([1.0, 1.0])
+    b = model.effective_sizes([20.0, 20.0])
+    for x, y in zip(a, b):
+        assert x["response_n"] == y["response_n"] == round(x["response_n"])
+        np.testing.assert_array_equal(x["pfs_at_risk"], y["pfs_at_risk"])
+    with pytest.raises(QSPValidationError, match="mc_error"):
+        model_of(setup, fake_library(setup, n=5), mc_error="sometimes")
 
 
 def test_simulated_data_have_the_observed_layout(setup):
@@ -154,13 +166,13 @@ def test_nuts_writes_a_posterior_the_predictive_reader_accepts(setup, tmp_path):
 
     params, spec, _, _ = setup
     model = model_of(setup, fake_library(setup, n=20))
-    mcmc = L.run_nuts(model, jax.random.PRNGKey(0), chains=2, warmup=30, samples=30, max_tree_depth=4)
-    summary = L.write_posterior(tmp_path, mcmc, model, {"test": True})
+    mcmc = L.run_nuts(model, jax.random.PRNGKey(0), chains=2, warmup=20, samples=20, max_tree_depth=3)
+    summary = L.write_posterior(tmp_path, mcmc, model, {"test": True}, check_draws=5)
     for key in ("rhat_max", "ess_bulk_min", "divergences", "weight_ess", "predictive_orr"):
         assert key in summary
     assert set(summary["weight_ess"]["per_arm"]) == set(ARMS)
     post = load_posterior(tmp_path)
-    assert set(post.draws) == set(model.ids) and post.n_draws == 60
+    assert set(post.draws) == set(model.ids) and post.n_draws == 40
     for draw in posterior_draws(post, 3):
         p, s = apply_draw(draw, params, spec)
         assert p.values["k_C_T1"] == pytest.approx(math.exp(draw["k_C_T1"]))
@@ -220,3 +232,14 @@ def test_tiny_real_library(setup, tmp_path):
     assert len(a) == 3 and a.solved.all()
     np.testing.assert_allclose(a.response.sum(1), 1.0, atol=1e-9)
     assert np.all(a.pfs[:, 0] == 1.0)
+
+
+def test_libraries_of_other_seeds_merge(setup, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    fake_library(setup, n=10, seed=0, tmp=a)
+    fake_library(setup, n=7, seed=1, tmp=b)
+    merged = L.load_library([a, b])
+    assert [len(x) for x in merged.arms] == [17, 17]
+    assert merged.meta["seed"] == [0, 1]
+    with pytest.raises(QSPValidationError, match="different seeds"):
+        L.load_library([a, a])

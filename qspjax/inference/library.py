@@ -25,23 +25,37 @@ same trajectory whatever population it was drawn from. So:
 3. **Likelihood**: the terms of :mod:`qspjax.inference.likelihood` (multinomial response counts
    or binomial responders, the chain of conditional PFS binomials with Greenwood-matched numbers
    at risk, read through :meth:`Problem.landmark_pfs` / :meth:`Problem.pfs_conditionals` of a
-   one-arm template problem), with the Monte-Carlo error term 1/n_eff = 1/n_trial + 1/M where
-   M is now the Kish effective sample size of the weights, ESS = 1 / Σ w_i² (times S(start) for
-   a PFS interval, as there): the likelihood widens where the library is thin at theta. Because
-   n_eff then depends on theta, the data enter as proportions (count / n_trial) scored by the
-   binomial (multinomial) density at k = proportion · n_eff, with the Jacobian
-   log(n_eff / n_trial) per free dimension so that it stays a density of the observed proportion
-   (:meth:`LibraryModel.arm_log_likelihoods`; SBC draws from the same model). Without the
-   Monte-Carlo term (``mc_error=False``) n_eff = n_trial and the terms are those of
-   :meth:`Problem.arm_log_likelihoods` with ``virtual_cohort_error=False``.
+   one-arm template problem), with its Monte-Carlo error term 1/n_eff = 1/n_trial + 1/M (times
+   S(start) for a PFS interval, as there). The reweighted cohort is worth M = its Kish effective
+   sample size, ESS = 1 / Σ w_i², not L. ``mc_error`` says which M:
+
+   * ``"fixed"`` (default): per arm, the median Kish ESS over 256 prior draws, fixed, and the
+     sizes rounded to whole patients as ``arm_terms`` rounds them: every term is then a proper
+     binomial/multinomial with a size that does not depend on theta, and SBC draws from exactly it;
+   * ``"ess"``: M = ESS(theta), so the likelihood widens where the library is thin at theta. The
+     data then enter as proportions scored at k = proportion · n_eff(theta) with the Jacobian
+     log(n_eff / n_trial) per free dimension (a density of the observed proportion). Its
+     normalising constant grows as ½ log n_eff per term, about a nat per term between ESS 2 and
+     30, so over some 60 terms it rewards theta for being where the proposal put many patients,
+     a pull of the order of tens of nats that has nothing to do with the data (leaving the
+     Jacobian out pulls the other way, to where the library is thinnest). Kept for comparison;
+   * ``"none"``: n_eff = n_trial, the terms of :meth:`Problem.arm_log_likelihoods` with
+     ``virtual_cohort_error=False`` (test: uniform weights reproduce them exactly). On a library
+     of a few effective patients it fits the Monte-Carlo noise of the weights (posteriors far too
+     narrow); for tests and comparison.
+
+   Whatever the mode, the summary reports each arm's Kish ESS at posterior draws: where it is a
+   few patients, the predictions rest on those few.
 4. **NUTS** (:func:`run_nuts`): everything above is closed-form JAX over (arms × L) numbers, so a
-   gradient costs microseconds and NUTS runs many chains to tight R-hat and ESS.
+   gradient costs milliseconds and NUTS runs many chains to tight R-hat and ESS.
 
 What reweighting cannot do: a *global* parameter (one without between-patient variability)
 changes every stored trajectory, so it cannot be estimated this way; only population medians
 and spreads of parameters that vary between patients can. The weights also degrade when theta
-moves far from where the proposal put its patients: the Kish ESS per arm reports it, and the
-Monte-Carlo term turns it into a wider likelihood rather than a falsely confident one.
+moves far from where the proposal put its patients: the Kish ESS per arm at posterior draws
+reports it. Five reweighted parameters with wide priors make the weights degenerate unless L
+is large: the weights' ESS of a prior draw is roughly L times (σ_target / σ_proposal) per
+dimension, a few patients in a few dozen at L = 64 (``fits/README.md``).
 
 Posterior variables follow the priors file's ids (``<parameter>`` = log median,
 ``<parameter>.sd`` = log between-patient sd), the layout
@@ -78,6 +92,7 @@ from qspjax.vpop import PopulationSpec
 LIBRARY_FORMAT = 1
 SIDECAR = "library.json"
 ARM_DIR = "arms"
+MC_MODES = ("fixed", "ess", "none")
 _ARM_FIELDS = ("log_values", "log_q", "response", "pfs", "solved", "plausible", "steps", "assessment_days",
                "other_log_values")
 
@@ -477,15 +492,24 @@ def _arm_meta(lib: ArmLibrary, wall: float | None, note: str | None) -> dict:
     return d
 
 
-def load_library(directory: str | Path, arm_ids: Sequence[str] | None = None) -> Library:
-    """Read a library folder; ``arm_ids`` (e.g. the arms to fit) must all be in it and are the ones read."""
-    import json
+def load_library(directory: str | Path | Sequence[str | Path], arm_ids: Sequence[str] | None = None) -> Library:
+    """Read a library folder; ``arm_ids`` (e.g. the arms to fit) must all be in it and are the ones read.
 
+    Several folders (a list) are one library when they differ only in seed (and size): patients
+    drawn independently from the same proposal under the same settings; their arms are concatenated.
+    """
+    if not isinstance(directory, (str, Path)):
+        parts = [load_library(d, arm_ids) for d in directory]
+        if not parts:
+            raise QSPValidationError("command line", "--library", [], "at least one library folder")
+        return merge_libraries(parts)
     directory = Path(directory)
     sidecar = directory / SIDECAR
     if not sidecar.is_file():
         raise QSPValidationError(str(sidecar), "(file)", str(sidecar),
                                  "a library folder with library.json (fits/library.py --build writes it)")
+    import json
+
     try:
         meta = json.loads(sidecar.read_text())
     except ValueError as exc:
@@ -503,6 +527,39 @@ def load_library(directory: str | Path, arm_ids: Sequence[str] | None = None) ->
                                  f"an arm of the library (the library was built for {have})")
     arms = tuple(_read_arm(arm_file(directory, a), a, meta["settings_key"]) for a in wanted)
     return Library(arms, meta, str(directory))
+
+
+_MERGE_SAME = ("format", "proposal", "likelihood", "horizon_cap_days", "simulator", "screen_factor", "priors",
+               "params", "population", "endpoints")
+
+
+def merge_libraries(parts: Sequence[Library]) -> Library:
+    """One library from several built with the same settings and proposal but different seeds."""
+    first = parts[0]
+    seeds = [p.meta["seed"] for p in parts]
+    if len(set(seeds)) != len(seeds):
+        raise QSPValidationError(parts[-1].path, "library.json: seed", seeds,
+                                 "libraries to merge need different seeds (else they hold the same patients)")
+    for p in parts[1:]:
+        for key in _MERGE_SAME:
+            if p.meta.get(key) != first.meta.get(key):
+                raise QSPValidationError(f"{p.path}/{SIDECAR}", key, p.meta.get(key),
+                                         f"the same as in {first.path}/{SIDECAR} to merge: {first.meta.get(key)}")
+        if p.arm_ids != first.arm_ids:
+            raise QSPValidationError(f"{p.path}/{SIDECAR}", "arm_ids", list(p.arm_ids), f"the arms of {first.path}")
+    arms = []
+    for i, a in enumerate(first.arms):
+        same = [p.arms[i] for p in parts]
+        cat = {k: np.concatenate([getattr(x, k) for x in same]) for k in _ARM_FIELDS if k != "assessment_days"}
+        arms.append(ArmLibrary(a.arm_id, a.horizon_days, cat["log_values"], cat["log_q"], cat["response"], cat["pfs"],
+                               cat["solved"], cat["plausible"], cat["steps"], a.assessment_days, cat["other_log_values"],
+                               {"parts": [x.meta for x in same]}))
+    meta = dict(first.meta)
+    meta["seed"] = seeds
+    meta["settings_key"] = "+".join(p.meta["settings_key"] for p in parts)
+    meta["parts"] = [p.path for p in parts]
+    meta["provenance"] = [p.meta.get("provenance") for p in parts]
+    return Library(tuple(arms), meta, "+".join(p.path for p in parts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,8 +594,8 @@ class LibraryModel:
     """
 
     def __init__(self, library: Library, arms: Sequence, priors: PriorSet, params: ParameterSet,
-                 spec: PopulationSpec, settings: LikelihoodSettings | None = None, mc_error: bool = True,
-                 endpoints: Sequence[str] | None = None):
+                 spec: PopulationSpec, settings: LikelihoodSettings | None = None, mc_error: str | bool = "fixed",
+                 endpoints: Sequence[str] | None = None, prior_ess_draws: int = 256):
         if tuple(a.arm_id for a in arms) != library.arm_ids:
             raise QSPValidationError(library.path or "library", "arm_ids", list(library.arm_ids),
                                      f"the arms asked for, in order: {[a.arm_id for a in arms]}")
@@ -554,7 +611,10 @@ class LibraryModel:
         endpoints = tuple(endpoints or library.meta.get("endpoints", ENDPOINTS))
         self.library = library
         self.priors = priors
-        self.mc_error = bool(mc_error)
+        mc_error = {True: "fixed", False: "none"}.get(mc_error, mc_error) if isinstance(mc_error, bool) else mc_error
+        if mc_error not in MC_MODES:
+            raise QSPValidationError("library model", "mc_error", mc_error, f"allowed values are {list(MC_MODES)}")
+        self.mc_error = mc_error
         self.names = names
         self.templates = []
         for arm, lib in zip(arms, library.arms):
@@ -562,10 +622,8 @@ class LibraryModel:
             if len(t.assessment_days) != lib.pfs.shape[1] or not np.allclose(t.assessment_days, lib.assessment_days):
                 raise QSPValidationError(library.path or "library", f"arms.{lib.arm_id}.assessment_days",
                                          list(lib.assessment_days), f"the scans of the settings: {list(t.assessment_days)}")
-            if usable := int(lib.usable.sum()):
-                pass
-            else:
-                raise QSPValidationError(library.path or "library", f"arms.{lib.arm_id}.usable", usable,
+            if not lib.usable.any():
+                raise QSPValidationError(library.path or "library", f"arms.{lib.arm_id}.usable", 0,
                                          "at least one solved, plausible patient")
             self.templates.append(t)
         self.ref = self.templates[0]
@@ -579,9 +637,13 @@ class LibraryModel:
         self._arrays = [(jnp.asarray(lib.log_values), jnp.asarray(lib.log_q), jnp.asarray(lib.usable),
                          jnp.asarray(lib.response), jnp.asarray(lib.pfs)) for lib in library.arms]
         self._data_sizes = [self._sizes(t) for t in self.templates]
+        self.predict = jax.jit(self._predict)
+        self.fixed_ess = None
+        if self.mc_error == "fixed":
+            draws = self.sample_prior(jax.random.PRNGKey(0), prior_ess_draws)
+            self.fixed_ess = np.median(np.array([self.ess(d) for d in draws]), axis=0)
         self.log_posterior = jax.jit(self._log_posterior)
         self.log_likelihood = jax.jit(self._log_likelihood)
-        self.predict = jax.jit(self._predict)
 
     # -- parameters -----------------------------------------------------------------------------
     @property
@@ -664,13 +726,20 @@ class LibraryModel:
         return tuple(data)
 
     def effective_sizes(self, ess) -> list[dict]:
-        """n_eff of each term of each arm given the arms' Kish ESS (A,) (jax or numpy)."""
+        """n_eff of each term of each arm given the arms' Kish ESS (A,) (jax or numpy; ignored
+        unless ``mc_error="ess"``). ``"fixed"``: M = :attr:`fixed_ess`, sizes rounded to whole
+        patients (at least 1), as :func:`qspjax.inference.likelihood.arm_terms` rounds them."""
         out = []
+        if self.mc_error == "fixed":
+            ess = self.fixed_ess
         for sz, m in zip(self._data_sizes, ess):
-            if self.mc_error:
+            if self.mc_error != "none":
                 n_resp = 1.0 / (1.0 / sz["response_n"] + 1.0 / m) if sz["response_n"] > 0 else 0.0
                 n_pfs = 1.0 / (1.0 / sz["pfs_at_risk"] + 1.0 / (m * sz["pfs_start"])) if len(sz["pfs_at_risk"]) else \
                     sz["pfs_at_risk"]
+                if self.mc_error == "fixed":
+                    n_resp = float(max(1, round(n_resp))) if sz["response_n"] > 0 else 0.0
+                    n_pfs = np.maximum(1.0, np.round(np.asarray(n_pfs, float)))
             else:
                 n_resp, n_pfs = sz["response_n"], sz["pfs_at_risk"]
             out.append({"response_n": n_resp, "pfs_at_risk": n_pfs})
@@ -750,7 +819,7 @@ def numpyro_model(model: LibraryModel) -> None:
 def run_nuts(model: LibraryModel, key, chains: int = 4, warmup: int = 500, samples: int = 500,
              target_accept: float = 0.9, max_tree_depth: int = 8, progress: bool = False):
     """numpyro NUTS on :func:`numpyro_model`, chains vectorised (the likelihood is closed-form);
-    each chain starts at the prior centre plus 0.1 prior sd of jitter (init_to_uniform radius)."""
+    each chain starts at its own uniform draw within ±0.5 of the prior centre (``init_to_uniform``)."""
     from numpyro.infer import MCMC, NUTS
     from numpyro.infer.initialization import init_to_uniform
 
@@ -823,8 +892,10 @@ def predictive_table(model: LibraryModel, draws: np.ndarray, n_draws: int = 200,
     return rows
 
 
-def write_posterior(out: str | Path, mcmc, model: LibraryModel, prov: dict, extra: dict | None = None) -> dict:
-    """``posterior.nc`` (ArviZ InferenceData), ``summary.json`` and ``run.json``, atomically."""
+def write_posterior(out: str | Path, mcmc, model: LibraryModel, prov: dict, extra: dict | None = None,
+                    check_draws: int = 200) -> dict:
+    """``posterior.nc`` (ArviZ InferenceData), ``summary.json`` and ``run.json``, atomically; the
+    weights' ESS and the predicted ORR are read at ``check_draws`` evenly spaced posterior draws."""
     import arviz as az
 
     from qspjax.io import atomic_write, atomic_write_json
@@ -834,8 +905,8 @@ def write_posterior(out: str | Path, mcmc, model: LibraryModel, prov: dict, extr
     idata.posterior.attrs["scale"] = "unconstrained: log of medians, log of between-patient sds"
     idata.posterior.attrs["route"] = "importance reweighting of a simulated library (qspjax.inference.library)"
     atomic_write(out / "posterior.nc", lambda p: idata.to_netcdf(str(p), engine="h5netcdf"))
-    summary = summarise(mcmc, model)
-    summary["predictive_orr"] = predictive_table(model, posterior_matrix(mcmc, model))
+    summary = summarise(mcmc, model, check_draws)
+    summary["predictive_orr"] = predictive_table(model, posterior_matrix(mcmc, model), check_draws)
     summary["orr_inside_observed_ci"] = int(sum(r["predicted_inside_observed_ci"] for r in summary["predictive_orr"]))
     summary.update(extra or {})
     atomic_write_json(out / "summary.json", summary)
