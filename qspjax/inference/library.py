@@ -640,8 +640,9 @@ class LibraryModel:
         self.predict = jax.jit(self._predict)
         self.fixed_ess = None
         if self.mc_error == "fixed":
-            draws = self.sample_prior(jax.random.PRNGKey(0), prior_ess_draws)
-            self.fixed_ess = np.median(np.array([self.ess(d) for d in draws]), axis=0)
+            draws = jnp.asarray(self.sample_prior(jax.random.PRNGKey(0), prior_ess_draws))
+            ess = jax.jit(jax.vmap(lambda th: jnp.stack([e for _, e in self._predict(th)])))(draws)
+            self.fixed_ess = np.median(np.asarray(ess), axis=0)
         self.log_posterior = jax.jit(self._log_posterior)
         self.log_likelihood = jax.jit(self._log_likelihood)
 
