@@ -18,12 +18,14 @@ effective sample size) widening every term: where the library is thin the data s
 Only between-patient quantities can be reweighted: a global parameter moves every stored
 trajectory. ``qspjax/inference/library.py`` states the method in full.
 
-    # 1. the library (resumable per arm; progress per chunk)
-    python fits/library.py --build --patients 64 --out runs/library
-    # 2. NUTS on it: posterior.nc (ArviZ), summary.json, run.json
-    python fits/library.py --library runs/library --out fits/posterior
+    # 1. the library (resumable per arm; progress per chunk); another seed adds patients
+    python fits/library.py --build --patients 64 --seed 0 --out fits/library_seed0
+    python fits/library.py --build --patients 64 --seed 1 --out fits/library_seed1
+    # 2. NUTS on both (merged): posterior.nc (ArviZ), summary.json, run.json
+    python fits/library.py --library fits/library_seed0 fits/library_seed1 --out fits/posterior
     # 3. SBC of the route on the same library
-    python fits/library.py --library runs/library --sbc 100 --out docs/results/sbc_library
+    python fits/library.py --library fits/library_seed0 fits/library_seed1 --sbc 500 --warmup 150 \
+        --samples 200 --thin 2 --max-tree-depth 6 --target-accept 0.8 --out docs/results/sbc_library
 
 ``--arms all`` builds every arm of ``configs/trials``; ``--simulator kinetics`` swaps the ODE for
 the closed-form surrogate (tests, smoke runs).
