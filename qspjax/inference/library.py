@@ -1,0 +1,955 @@
+"""Bayesian inference through the ODE model by importance reweighting of a simulated library.
+
+One value-and-gradient of the ODE likelihood (:mod:`qspjax.inference.likelihood`) costs about a
+minute on a small CPU, so NUTS through it (thousands of gradients) is out of reach. But the
+trajectories depend on the population parameters only through the *patients* they produce:
+a virtual patient x (its per-patient parameter values, baseline tumor and PD-L1 class) has the
+same trajectory whatever population it was drawn from. So:
+
+1. **Library** (:func:`build_library`): per arm, L patients are drawn once from a *proposal*
+   q(x), broader than the prior predictive of the population, grown to the arm's baseline and
+   treated with the arm's regimen (the arm's own drugs, baseline target and follow-up, capped at
+   ``horizon_cap_days``). Per patient the library keeps its log parameter values, log q(x), and
+   the smooth RECIST outcomes the likelihood uses (:mod:`qspjax.outcomes`): P(CR, PR, SD, PD, NE)
+   and P(progression-free) at each scan. Written per arm (``arms/<arm>.npz``, resumable) with a
+   JSON sidecar (``library.json``: seed, settings, proposal, provenance, per-arm costs).
+2. **Reweighting** (:class:`LibraryModel`): for population hyperparameters theta (log medians
+   and log between-patient sds of the reweighted parameters), each patient gets the
+   self-normalised weight w_i(theta) ∝ p(x_i | theta) / q(x_i) over the arm's usable patients
+   (solved, and plausible at baseline by the population file's ranges, as ``qspjax trial``
+   screens its cohorts); the arm's predicted probabilities are the weighted means of the stored
+   per-patient probabilities, exactly the cohort means :class:`~qspjax.inference.likelihood.Problem`
+   forms, with weights in place of 1/M. Only the densities of the reweighted parameters enter
+   the ratio: the baseline draws and the varied parameters that are not estimated are drawn from
+   the population itself and cancel.
+3. **Likelihood**: the terms of :mod:`qspjax.inference.likelihood` (multinomial response counts
+   or binomial responders, the chain of conditional PFS binomials with Greenwood-matched numbers
+   at risk, read through :meth:`Problem.landmark_pfs` / :meth:`Problem.pfs_conditionals` of a
+   one-arm template problem), with its Monte-Carlo error term 1/n_eff = 1/n_trial + 1/M (times
+   S(start) for a PFS interval, as there). The reweighted cohort is worth M = its Kish effective
+   sample size, ESS = 1 / Σ w_i², not L. ``mc_error`` says which M:
+
+   * ``"fixed"`` (default): per arm, the median Kish ESS over 256 prior draws, fixed, and the
+     sizes rounded to whole patients as ``arm_terms`` rounds them: every term is then a proper
+     binomial/multinomial with a size that does not depend on theta, and SBC draws from exactly it;
+   * ``"ess"``: M = ESS(theta), so the likelihood widens where the library is thin at theta. The
+     data then enter as proportions scored at k = proportion · n_eff(theta) with the Jacobian
+     log(n_eff / n_trial) per free dimension (a density of the observed proportion). Its
+     normalising constant grows as ½ log n_eff per term, about a nat per term between ESS 2 and
+     30, so over some 60 terms it rewards theta for being where the proposal put many patients,
+     a pull of the order of tens of nats that has nothing to do with the data (leaving the
+     Jacobian out pulls the other way, to where the library is thinnest). Kept for comparison;
+   * ``"none"``: n_eff = n_trial, the terms of :meth:`Problem.arm_log_likelihoods` with
+     ``virtual_cohort_error=False`` (test: uniform weights reproduce them exactly). On a library
+     of a few effective patients it fits the Monte-Carlo noise of the weights (posteriors far too
+     narrow); for tests and comparison.
+
+   Whatever the mode, the summary reports each arm's Kish ESS at posterior draws: where it is a
+   few patients, the predictions rest on those few.
+4. **NUTS** (:func:`run_nuts`): everything above is closed-form JAX over (arms × L) numbers, so a
+   gradient costs milliseconds and NUTS runs many chains to tight R-hat and ESS.
+
+What reweighting cannot do: a *global* parameter (one without between-patient variability)
+changes every stored trajectory, so it cannot be estimated this way; only population medians
+and spreads of parameters that vary between patients can. The weights also degrade when theta
+moves far from where the proposal put its patients: the Kish ESS per arm at posterior draws
+reports it. Five reweighted parameters with wide priors make the weights degenerate unless L
+is large: the weights' ESS of a prior draw is roughly L times (σ_target / σ_proposal) per
+dimension, a few patients in a few dozen at L = 64 (``fits/README.md``).
+
+Posterior variables follow the priors file's ids (``<parameter>`` = log median,
+``<parameter>.sd`` = log between-patient sd), the layout
+:func:`qspjax.inference.predictive.load_posterior` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qspjax.errors import QSPValidationError
+from qspjax.inference.config import ENDPOINTS, LikelihoodSettings, PriorSet
+from qspjax.inference.likelihood import (
+    Prediction,
+    Problem,
+    arm_data_from_trial,
+    binomial_logpmf,
+    multinomial_logpmf,
+)
+from qspjax.params import ParameterSet
+from qspjax.vpop import PopulationSpec
+
+LIBRARY_FORMAT = 1
+SIDECAR = "library.json"
+ARM_DIR = "arms"
+MC_MODES = ("fixed", "ess", "none")
+_ARM_FIELDS = ("log_values", "log_q", "response", "pfs", "solved", "plausible", "steps", "assessment_days",
+               "other_log_values")
+
+
+# ---------------------------------------------------------------------------------------------
+# Proposal
+# ---------------------------------------------------------------------------------------------
+def reweighted_parameters(priors: PriorSet) -> tuple[str, ...]:
+    """The varied parameters whose median or spread the priors estimate, in order of first mention."""
+    out: list[str] = []
+    for p in priors.priors:
+        if p.parameter not in out:
+            out.append(p.parameter)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """Independent normals on the log (logit) values of the reweighted parameters: q(x)."""
+
+    names: tuple[str, ...]
+    loc: tuple[float, ...]
+    scale: tuple[float, ...]
+
+    def log_density(self, log_values) -> np.ndarray:
+        """log q of each row of ``log_values`` (L, K) (density of the log values)."""
+        z = (np.asarray(log_values) - np.asarray(self.loc)) / np.asarray(self.scale)
+        return np.sum(-0.5 * z * z - np.log(self.scale) - 0.5 * math.log(2 * math.pi), axis=1)
+
+    def as_dict(self) -> dict:
+        return {"names": list(self.names), "loc": list(self.loc), "scale": list(self.scale)}
+
+
+def default_proposal(template: Problem, widen_sds: float = 0.5, inflate: float = 1.0) -> Proposal:
+    """A proposal broader than the prior predictive of each reweighted parameter's log value.
+
+    Centred at the prior centre of the median; log-sd sqrt(s_m² + s_b²) · ``inflate`` with s_m the
+    prior sd of the log median and s_b a generous between-patient sd: the prior centre of the sd
+    raised by ``widen_sds`` prior sds (e.g. cv 0.6 -> log-sd 0.55 -> 0.71 at half a prior sd of 0.5).
+    """
+    names = reweighted_parameters(template.priors)
+    mu, sd = template.prior_means(), template.prior_sds()
+    index = {p.id: i for i, p in enumerate(template.priors.priors)}
+    loc, scale = [], []
+    for name in names:
+        if name in index:
+            m, s_m = float(mu[index[name]]), float(sd[index[name]])
+        else:
+            m, s_m = float(template.nominal.loc[name]), 0.0
+        if f"{name}.sd" in index:
+            j = index[f"{name}.sd"]
+            s_b = math.exp(float(mu[j]) + widen_sds * float(sd[j]))
+        else:
+            s_b = math.exp(float(template.nominal.log_sd[name]))
+        loc.append(m)
+        scale.append(inflate * math.sqrt(s_m * s_m + s_b * s_b))
+    return Proposal(names, tuple(loc), tuple(scale))
+
+
+# ---------------------------------------------------------------------------------------------
+# One arm's template problem: schedule, scans and likelihood terms
+# ---------------------------------------------------------------------------------------------
+def arm_horizon(arm, horizon_cap_days: float | None) -> float:
+    """The simulated days of an arm: its follow-up, capped at ``horizon_cap_days``."""
+    days = float(arm.follow_up_days)
+    return days if horizon_cap_days is None else min(days, float(horizon_cap_days))
+
+
+def arm_template(arm, priors: PriorSet, params: ParameterSet, spec: PopulationSpec, settings: LikelihoodSettings,
+                 horizon_days: float, endpoints: Sequence[str] = ENDPOINTS) -> Problem:
+    """A one-arm :class:`Problem` over ``horizon_days``: the arm's schedule, output grid, scans and
+    :class:`~qspjax.inference.likelihood.ArmTerms` (without the Monte-Carlo term, which the library
+    model adds from the weights' ESS). Its simulator is never run (the surrogate is named only so
+    nothing is compiled)."""
+    s = dataclasses.replace(settings, horizon_days=float(horizon_days))
+    data = arm_data_from_trial(arm, s.horizon_days, endpoints)
+    return Problem([data], priors, params, spec, s, simulator="kinetics", virtual_cohort_error=False)
+
+
+def _arm_seed(seed: int, arm_id: str) -> np.random.Generator:
+    """Per-arm random stream: depends on the seed and the arm id only (adding arms changes nothing)."""
+    return np.random.default_rng([int(seed), zlib.crc32(arm_id.encode())])
+
+
+def draw_patients(template: Problem, arm, proposal: Proposal, n: int, seed: int) -> dict:
+    """``n`` patients for ``arm``: the reweighted parameters from the proposal, the other varied
+    parameters from the population, the baseline from the population matched to the arm."""
+    from qspjax.vpop import Draws, baseline, matched_spec, target_from_arm
+
+    rng = _arm_seed(seed, arm.arm_id)
+    spec = template.spec
+    k = len(proposal.names)
+    z = rng.standard_normal((n, k))
+    log_values = np.asarray(proposal.loc) + np.asarray(proposal.scale) * z
+    others = [name for name in spec.names if name not in proposal.names]
+    z_other = rng.standard_normal((n, len(others)))
+    other_log = np.stack([float(template.nominal.loc[nm]) + math.exp(float(template.nominal.log_sd[nm])) * z_other[:, j]
+                          for j, nm in enumerate(others)], axis=1) if others else np.zeros((n, 0))
+    z_d, z_s, u = rng.standard_normal(n), rng.standard_normal(n), rng.uniform(1e-12, 1 - 1e-12, n)
+    base = baseline(matched_spec(spec, target_from_arm(arm)), Draws(np.zeros((n, 0)), z_d, z_s, u, seed, ()))
+    values = {}
+    for j, name in enumerate(proposal.names):
+        values[name] = _natural(spec, name, log_values[:, j])
+    for j, name in enumerate(others):
+        values[name] = _natural(spec, name, other_log[:, j])
+    return {"log_values": log_values, "log_q": proposal.log_density(log_values), "other_names": tuple(others),
+            "other_log_values": other_log, "values": values, "baseline": base}
+
+
+def _natural(spec: PopulationSpec, name: str, x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x)) if spec.distributions[name] == "logitnormal" else np.exp(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Simulating the patients of one arm
+# ---------------------------------------------------------------------------------------------
+def _take(patients: dict, index: np.ndarray) -> dict:
+    """The patients ``index`` of a :func:`draw_patients` dict."""
+    return {"log_values": patients["log_values"][index], "log_q": patients["log_q"][index],
+            "other_names": patients["other_names"], "other_log_values": patients["other_log_values"][index],
+            "values": {k: np.asarray(v)[index] for k, v in patients["values"].items()},
+            "baseline": {k: np.asarray(v)[index] for k, v in patients["baseline"].items()}}
+
+
+def simulate_patients(template: Problem, candidates: dict, n: int, simulator: str = "qsp", chunk: int = 16,
+                      progress=None) -> tuple[dict, dict]:
+    """The first ``n`` plausible patients of ``candidates`` and their smooth RECIST outcomes under the
+    template's arm: (patients, outcomes), numpy arrays.
+
+    The QSP model grows candidates to their baselines in chunks of ``chunk`` (``vpop.grow_cohort``),
+    screens them by the population file's plausibility ranges (``vpop.plausibility_reasons``), as
+    ``qspjax trial`` screens its cohorts, until ``n`` pass; only those are treated
+    (``simulate.simulate_batch``, chunks padded: one compilation per arm). Both proposal and target
+    are then truncated to the plausible set, which self-normalised weights handle exactly.
+    Outcomes: ``response`` (n, 5), ``pfs`` (n, E+1) on ``template.assessment_days``, ``solved`` (n,),
+    ``plausible`` (n,) (True), ``steps`` (n,) treated-solve steps (0 for the surrogate), and
+    ``screening`` (candidates grown, rejected).
+    """
+    from qspjax.inference.simulators import KineticsSimulator
+    from qspjax.model.cancer import diameter_from_volume
+    from qspjax.outcomes import soft_best_response_probabilities, soft_progression_free_probability
+    from qspjax.simulate import STATUS_OK, simulate_batch
+    from qspjax.vpop import Cohort, build_models, grow_cohort, plausibility_reasons
+
+    s = template.settings
+    schedule = jax.tree_util.tree_map(lambda x: x[0], template.schedules)
+    kw = dict(temperature=s.temperature, assessment_interval_days=s.assessment_interval_days)
+    pool = len(candidates["log_q"])
+    if simulator not in ("qsp", "kinetics"):
+        raise QSPValidationError("library", "simulator", simulator, "allowed values are ['qsp', 'kinetics']")
+
+    def models_of(p, size):
+        values = {k: jnp.asarray(v) for k, v in p["values"].items()}
+        return build_models(template.params, values, size, template.drugs, 2, jnp.asarray(p["baseline"]["pdl1_multiplier"]))
+
+    # 1. grow and screen candidates until n are plausible
+    kept, grown, states, screened = [], [], [], 0
+    if simulator == "qsp":
+        chunk = min(chunk, n)
+        for start in range(0, pool, chunk):
+            if len(kept) >= n:
+                break
+            index = np.minimum(np.arange(start, start + chunk), pool - 1)
+            p = _take(candidates, index)
+            models = models_of(p, chunk)
+            b = p["baseline"]
+            y0, status, days = grow_cohort(models, template.params, jnp.asarray(b["diameter_cm"]),
+                                           jnp.asarray(b["second_lesion_ratio"]), template.config)
+            cohort = Cohort(models, y0, status, days, jnp.asarray(b["diameter_cm"]), jnp.asarray(b["tps_class"]))
+            good = (plausibility_reasons(cohort, template.spec.plausibility) < 0) & (np.arange(start, start + chunk) < pool)
+            screened += int(min(chunk, pool - start))
+            for j in np.flatnonzero(good)[: n - len(kept)]:
+                kept.append(int(index[j]))
+                states.append(jax.tree_util.tree_map(lambda x, _j=j: x[_j], y0))
+            if progress is not None:
+                progress(f"grown {screened} candidates, {len(kept)}/{n} plausible")
+        if len(kept) < n:
+            raise QSPValidationError("library", "patients", n, f"only {len(kept)} of {pool} candidates are plausible")
+    else:
+        kept, screened = list(range(n)), n
+    patients = _take(candidates, np.asarray(kept))
+    # 2. treat them
+    chunk = n if simulator != "qsp" else min(chunk, n)
+    out = {k: [] for k in ("response", "pfs", "solved", "steps")}
+    for start in range(0, n, chunk):
+        index = np.minimum(np.arange(start, start + chunk), n - 1)
+        m = min(chunk, n - start)
+        p = _take(patients, index)
+        if simulator == "qsp":
+            models = models_of(p, chunk)
+            y0 = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[states[i] for i in index])
+            traj = simulate_batch(models, y0, schedule, template.config)
+            ok = np.asarray(traj.status) == STATUS_OK
+            diam_cm = jax.vmap(lambda mm, ys: diameter_from_volume(jax.vmap(mm.lesion_volume)(ys)))(models, traj.ys)
+            diam_mm = 10.0 * jnp.swapaxes(diam_cm, 1, 2)
+            steps = np.asarray(traj.num_steps)
+        else:
+            sim = KineticsSimulator(template.params)
+            values = {k: jnp.asarray(v) for k, v in p["values"].items()}
+            diam_mm, ok = sim.arm(sim.prepare(values, {k: jnp.asarray(v) for k, v in p["baseline"].items()}), schedule)
+            ok, steps = np.asarray(ok), np.zeros(chunk, int)
+        okj = jnp.asarray(ok)
+        probs = soft_best_response_probabilities(template.output_days, diam_mm, template.target_mask, okj, **kw)
+        pf = soft_progression_free_probability(template.output_days, diam_mm, template.assessment_days,
+                                               template.target_mask, okj, death_rate_per_day=s.death_rate_per_day, **kw)
+        out["response"].append(np.asarray(probs)[:m])
+        out["pfs"].append(np.asarray(pf)[:m])
+        out["solved"].append(np.asarray(ok, bool)[:m])
+        out["steps"].append(np.asarray(steps)[:m])
+        if progress is not None:
+            progress(f"treated {start + m}/{n}")
+    res = {k: np.concatenate(v) for k, v in out.items()}
+    # failed patients' probabilities are placeholders (never weighted); keep them finite on disk
+    res["response"] = np.where(np.isfinite(res["response"]), res["response"], 0.0)
+    res["pfs"] = np.where(np.isfinite(res["pfs"]), res["pfs"], 0.0)
+    res["plausible"] = np.ones(n, bool)
+    res["screening"] = {"candidates_grown": screened, "rejected": screened - n}
+    return patients, res
+
+
+# ---------------------------------------------------------------------------------------------
+# The library on disk
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ArmLibrary:
+    """One arm's library: L patients' log values (L, K) of the reweighted parameters, log q (L,),
+    outcome probabilities, and which patients are usable (solved and plausible)."""
+
+    arm_id: str
+    horizon_days: float
+    log_values: np.ndarray
+    log_q: np.ndarray
+    response: np.ndarray
+    pfs: np.ndarray
+    solved: np.ndarray
+    plausible: np.ndarray
+    steps: np.ndarray
+    assessment_days: np.ndarray
+    other_log_values: np.ndarray
+    meta: dict = dataclasses.field(default_factory=dict)  # cost and screening of the run that built it
+
+    @property
+    def usable(self) -> np.ndarray:
+        return self.solved & self.plausible
+
+    def __len__(self) -> int:
+        return int(self.log_q.shape[0])
+
+
+@dataclass
+class Library:
+    """A library of arms and the settings it was built with (the sidecar ``library.json``)."""
+
+    arms: tuple[ArmLibrary, ...]
+    meta: dict
+    path: str = ""
+
+    @property
+    def arm_ids(self) -> tuple[str, ...]:
+        return tuple(a.arm_id for a in self.arms)
+
+    def proposal(self) -> Proposal:
+        p = self.meta["proposal"]
+        return Proposal(tuple(p["names"]), tuple(p["loc"]), tuple(p["scale"]))
+
+
+def arm_file(directory: Path, arm_id: str) -> Path:
+    return Path(directory) / ARM_DIR / (re.sub(r"[^A-Za-z0-9_.-]", "_", arm_id) + ".npz")
+
+
+def _write_arm(path: Path, arm: ArmLibrary, settings_key: str, arm_meta: dict | None = None) -> None:
+    from qspjax.io import atomic_write, strict_json_dumps
+
+    arrays = {k: getattr(arm, k) for k in _ARM_FIELDS}
+
+    def write(p: Path) -> None:
+        with open(p, "wb") as f:
+            np.savez(f, arm_id=np.asarray(arm.arm_id), horizon_days=np.asarray(arm.horizon_days),
+                     settings_key=np.asarray(settings_key), meta_json=np.asarray(strict_json_dumps(arm_meta or {})),
+                     **arrays)
+
+    atomic_write(path, write)
+
+
+def _read_arm(path: Path, arm_id: str, settings_key: str | None = None) -> ArmLibrary:
+    if not path.is_file():
+        raise QSPValidationError(str(path), "(file)", str(path), f"the library file of arm {arm_id} is missing")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            d = {k: z[k] for k in z.files}
+    except Exception as exc:  # not an npz
+        raise QSPValidationError(str(path), "(file)", type(exc).__name__, f"a library npz file ({exc})") from None
+    for key in ("arm_id", "horizon_days", "settings_key") + _ARM_FIELDS:
+        if key not in d:
+            raise QSPValidationError(str(path), key, None, "required array is missing (not a library file?)")
+    if str(d["arm_id"]) != arm_id:
+        raise QSPValidationError(str(path), "arm_id", str(d["arm_id"]), f"the library file of arm {arm_id}")
+    if settings_key is not None and str(d["settings_key"]) != settings_key:
+        raise QSPValidationError(str(path), "settings_key", str(d["settings_key"]),
+                                 f"built with the library's settings ({settings_key})")
+    lib_meta = {}
+    if "meta_json" in d:
+        import json
+
+        lib_meta = json.loads(str(d["meta_json"]))
+    return ArmLibrary(arm_id, float(d["horizon_days"]), *(np.asarray(d[k]) for k in _ARM_FIELDS[:5]),
+                      np.asarray(d["plausible"], bool), np.asarray(d["steps"]), np.asarray(d["assessment_days"]),
+                      np.asarray(d["other_log_values"]), lib_meta)
+
+
+def _settings_key(meta: dict) -> str:
+    """A short digest of what makes a library's patients what they are (resuming checks it)."""
+    from qspjax.io import strict_json_dumps
+
+    keep = {k: meta[k] for k in ("seed", "patients_per_arm", "horizon_cap_days", "likelihood", "proposal", "screen_factor",
+                                 "simulator", "priors", "params", "population", "format")}
+    return f"{zlib.crc32(strict_json_dumps(keep, sort_keys=True).encode()):08x}"
+
+
+def build_library(out: str | Path, arms: Sequence, priors: PriorSet, params: ParameterSet, spec: PopulationSpec,
+                  settings: LikelihoodSettings, patients: int, seed: int, horizon_cap_days: float | None = 400.0,
+                  simulator: str = "qsp", chunk: int = 16, proposal: Proposal | None = None, screen_factor: int = 4,
+                  endpoints: Sequence[str] = ENDPOINTS, record: dict | None = None, progress: bool = True) -> Library:
+    """Simulate ``patients`` proposal patients per arm of ``arms`` (trial :class:`~qspjax.data.Arm`\\ s)
+    into ``out`` (``arms/<arm>.npz`` and ``library.json``). An arm whose file exists with the same
+    settings is kept (resume); the sidecar is rewritten after every arm with its cost."""
+    from qspjax.io import atomic_write_json, provenance
+
+    out = Path(out)
+    if not arms:
+        raise QSPValidationError("library", "arms", [], "at least one arm is required")
+    first = arm_template(arms[0], priors, params, spec, settings, arm_horizon(arms[0], horizon_cap_days), endpoints)
+    proposal = proposal or default_proposal(first)
+    meta = {"format": LIBRARY_FORMAT, "seed": int(seed), "patients_per_arm": int(patients),
+            "horizon_cap_days": horizon_cap_days, "simulator": simulator, "screen_factor": int(screen_factor),
+            "likelihood": dataclasses.asdict(settings) | {"target_lesions": list(settings.target_lesions)},
+            "proposal": proposal.as_dict(), "priors": priors.path, "endpoints": list(endpoints),
+            "params": (record or {}).get("params"), "population": (record or {}).get("population"),
+            "arm_ids": [a.arm_id for a in arms]}
+    key = _settings_key(meta)
+    meta["settings_key"] = key
+    meta["record"] = record or {}
+    meta["provenance"] = provenance(config={k: v for k, v in meta.items() if k != "provenance"}, seed=seed)
+    meta["arms"] = {}
+    sidecar = out / SIDECAR
+    libs = []
+    t_all = time.perf_counter()
+    for i, arm in enumerate(arms):
+        path = arm_file(out, arm.arm_id)
+        horizon = arm_horizon(arm, horizon_cap_days)
+        if path.is_file():
+            try:
+                lib = _read_arm(path, arm.arm_id, key)
+                libs.append(lib)
+                meta["arms"][arm.arm_id] = lib.meta or _arm_meta(lib, None, "kept from an earlier run (same settings)")
+                if progress:
+                    print(f"[{i + 1}/{len(arms)}] {arm.arm_id}: kept ({path})", flush=True)
+                continue
+            except QSPValidationError as exc:
+                if progress:
+                    print(f"[{i + 1}/{len(arms)}] {arm.arm_id}: rebuilding ({exc})", flush=True)
+        template = arm_template(arm, priors, params, spec, settings, horizon, endpoints)
+        candidates = draw_patients(template, arm, proposal, screen_factor * patients, seed)
+        t0 = time.perf_counter()
+
+        def report(what, _arm=arm.arm_id, _t0=t0, _i=i):
+            if progress:
+                print(f"[{_i + 1}/{len(arms)}] {_arm}: {what}, {time.perf_counter() - _t0:.0f} s", flush=True)
+
+        drawn, sim = simulate_patients(template, candidates, patients, simulator, chunk, report)
+        wall = time.perf_counter() - t0
+        lib = ArmLibrary(arm.arm_id, horizon, drawn["log_values"], drawn["log_q"], sim["response"], sim["pfs"],
+                         sim["solved"], sim["plausible"], sim["steps"], np.asarray(template.assessment_days),
+                         drawn["other_log_values"])
+        lib.meta = _arm_meta(lib, wall, None) | {"screening": sim["screening"]}
+        _write_arm(path, lib, key, lib.meta)
+        libs.append(lib)
+        meta["arms"][arm.arm_id] = lib.meta
+        meta["wall_s"] = time.perf_counter() - t_all
+        atomic_write_json(sidecar, meta)
+        if progress:
+            print(f"[{i + 1}/{len(arms)}] {arm.arm_id}: {len(lib)} patients in {wall:.0f} s "
+                  f"({len(lib) / max(wall, 1e-9):.3f} patients/s), usable {int(lib.usable.sum())}, "
+                  f"horizon {horizon:g} d", flush=True)
+    meta["wall_s"] = time.perf_counter() - t_all
+    atomic_write_json(sidecar, meta)
+    return Library(tuple(libs), meta, str(out))
+
+
+def _arm_meta(lib: ArmLibrary, wall: float | None, note: str | None) -> dict:
+    d = {"patients": len(lib), "solved": int(lib.solved.sum()), "plausible": int(lib.plausible.sum()),
+         "usable": int(lib.usable.sum()), "horizon_days": lib.horizon_days,
+         "solver_steps_median": float(np.median(lib.steps)) if len(lib) else None,
+         "wall_s": wall, "patients_per_s": (len(lib) / wall) if wall else None}
+    if note:
+        d["note"] = note
+    return d
+
+
+def load_library(directory: str | Path | Sequence[str | Path], arm_ids: Sequence[str] | None = None) -> Library:
+    """Read a library folder; ``arm_ids`` (e.g. the arms to fit) must all be in it and are the ones read.
+
+    Several folders (a list) are one library when they differ only in seed (and size): patients
+    drawn independently from the same proposal under the same settings; their arms are concatenated.
+    """
+    if not isinstance(directory, (str, Path)):
+        parts = [load_library(d, arm_ids) for d in directory]
+        if not parts:
+            raise QSPValidationError("command line", "--library", [], "at least one library folder")
+        return merge_libraries(parts)
+    directory = Path(directory)
+    sidecar = directory / SIDECAR
+    if not sidecar.is_file():
+        raise QSPValidationError(str(sidecar), "(file)", str(sidecar),
+                                 "a library folder with library.json (fits/library.py --build writes it)")
+    import json
+
+    try:
+        meta = json.loads(sidecar.read_text())
+    except ValueError as exc:
+        raise QSPValidationError(str(sidecar), "(file)", "not JSON", str(exc)) from None
+    for field in ("format", "arm_ids", "proposal", "settings_key", "likelihood", "seed"):
+        if field not in meta:
+            raise QSPValidationError(str(sidecar), field, None, "required field is missing")
+    if meta["format"] != LIBRARY_FORMAT:
+        raise QSPValidationError(str(sidecar), "format", meta["format"], f"library format {LIBRARY_FORMAT}")
+    have = list(meta["arm_ids"])
+    wanted = list(arm_ids) if arm_ids is not None else have
+    missing = [a for a in wanted if a not in have]
+    if missing:
+        raise QSPValidationError(str(sidecar), "arm_ids", missing[0],
+                                 f"an arm of the library (the library was built for {have})")
+    arms = tuple(_read_arm(arm_file(directory, a), a, meta["settings_key"]) for a in wanted)
+    return Library(arms, meta, str(directory))
+
+
+_MERGE_SAME = ("format", "proposal", "likelihood", "horizon_cap_days", "simulator", "screen_factor", "priors",
+               "params", "population", "endpoints")
+
+
+def merge_libraries(parts: Sequence[Library]) -> Library:
+    """One library from several built with the same settings and proposal but different seeds."""
+    first = parts[0]
+    seeds = [p.meta["seed"] for p in parts]
+    if len(set(seeds)) != len(seeds):
+        raise QSPValidationError(parts[-1].path, "library.json: seed", seeds,
+                                 "libraries to merge need different seeds (else they hold the same patients)")
+    for p in parts[1:]:
+        for key in _MERGE_SAME:
+            if p.meta.get(key) != first.meta.get(key):
+                raise QSPValidationError(f"{p.path}/{SIDECAR}", key, p.meta.get(key),
+                                         f"the same as in {first.path}/{SIDECAR} to merge: {first.meta.get(key)}")
+        if p.arm_ids != first.arm_ids:
+            raise QSPValidationError(f"{p.path}/{SIDECAR}", "arm_ids", list(p.arm_ids), f"the arms of {first.path}")
+    arms = []
+    for i, a in enumerate(first.arms):
+        same = [p.arms[i] for p in parts]
+        cat = {k: np.concatenate([getattr(x, k) for x in same]) for k in _ARM_FIELDS if k != "assessment_days"}
+        arms.append(ArmLibrary(a.arm_id, a.horizon_days, cat["log_values"], cat["log_q"], cat["response"], cat["pfs"],
+                               cat["solved"], cat["plausible"], cat["steps"], a.assessment_days, cat["other_log_values"],
+                               {"parts": [x.meta for x in same]}))
+    meta = dict(first.meta)
+    meta["seed"] = seeds
+    meta["settings_key"] = "+".join(p.meta["settings_key"] for p in parts)
+    meta["parts"] = [p.path for p in parts]
+    meta["provenance"] = [p.meta.get("provenance") for p in parts]
+    return Library(tuple(arms), meta, "+".join(p.path for p in parts))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reweighting and the likelihood
+# ---------------------------------------------------------------------------------------------
+def kish_ess(weights) -> jax.Array:
+    """Kish effective sample size (Σ w)² / Σ w² of non-negative weights (last axis)."""
+    w = jnp.asarray(weights)
+    return jnp.sum(w, -1) ** 2 / jnp.maximum(jnp.sum(w * w, -1), 1e-300)
+
+
+def log_target_density(log_values, loc, log_sd) -> jax.Array:
+    """log p(x | theta) of rows ``log_values`` (L, K) under independent normals (K,) on the log scale."""
+    sd = jnp.exp(log_sd)
+    z = (log_values - loc) / sd
+    return jnp.sum(-0.5 * z * z - log_sd - 0.5 * math.log(2 * math.pi), axis=-1)
+
+
+def self_normalised_weights(log_p, log_q, usable) -> jax.Array:
+    """w_i ∝ p_i / q_i over the usable patients, summing to 1 (unusable: 0)."""
+    log_w = jnp.where(usable, log_p - log_q, -jnp.inf)
+    return jax.nn.softmax(log_w)
+
+
+class LibraryModel:
+    """The reweighted likelihood of a library's arms, with priors: what NUTS samples.
+
+    ``arms``: trial :class:`~qspjax.data.Arm` of the library's arms (same order); ``mc_error``:
+    the Kish-ESS Monte-Carlo term (see the module docstring). Duck-compatible with what
+    :func:`qspjax.inference.sbc.nuts_sampler` needs of a problem (``prior_means``, ``prior_sds``,
+    ``_log_prior``, ``predict``, ``arm_log_likelihoods``).
+    """
+
+    def __init__(self, library: Library, arms: Sequence, priors: PriorSet, params: ParameterSet,
+                 spec: PopulationSpec, settings: LikelihoodSettings | None = None, mc_error: str | bool = "fixed",
+                 endpoints: Sequence[str] | None = None, prior_ess_draws: int = 256):
+        if tuple(a.arm_id for a in arms) != library.arm_ids:
+            raise QSPValidationError(library.path or "library", "arm_ids", list(library.arm_ids),
+                                     f"the arms asked for, in order: {[a.arm_id for a in arms]}")
+        proposal = library.proposal()
+        names = reweighted_parameters(priors)
+        if tuple(proposal.names) != names:
+            raise QSPValidationError(library.path or "library", "proposal.names", list(proposal.names),
+                                     f"the parameters the priors estimate: {list(names)}")
+        if settings is None:
+            lik = dict(library.meta["likelihood"])
+            lik["target_lesions"] = tuple(lik["target_lesions"])
+            settings = LikelihoodSettings(**lik)
+        endpoints = tuple(endpoints or library.meta.get("endpoints", ENDPOINTS))
+        self.library = library
+        self.priors = priors
+        mc_error = {True: "fixed", False: "none"}.get(mc_error, mc_error) if isinstance(mc_error, bool) else mc_error
+        if mc_error not in MC_MODES:
+            raise QSPValidationError("library model", "mc_error", mc_error, f"allowed values are {list(MC_MODES)}")
+        self.mc_error = mc_error
+        self.names = names
+        self.templates = []
+        for arm, lib in zip(arms, library.arms):
+            t = arm_template(arm, priors, params, spec, settings, lib.horizon_days, endpoints)
+            if len(t.assessment_days) != lib.pfs.shape[1] or not np.allclose(t.assessment_days, lib.assessment_days):
+                raise QSPValidationError(library.path or "library", f"arms.{lib.arm_id}.assessment_days",
+                                         list(lib.assessment_days), f"the scans of the settings: {list(t.assessment_days)}")
+            if not lib.usable.any():
+                raise QSPValidationError(library.path or "library", f"arms.{lib.arm_id}.usable", 0,
+                                         "at least one solved, plausible patient")
+            self.templates.append(t)
+        self.ref = self.templates[0]
+        self.arms = tuple(t.arms[0] for t in self.templates)
+        # parameter index of each reweighted parameter's median and sd in theta (-1: nominal)
+        ids = priors.ids
+        self.median_index = np.array([ids.index(n) if n in ids else -1 for n in names])
+        self.sd_index = np.array([ids.index(f"{n}.sd") if f"{n}.sd" in ids else -1 for n in names])
+        self.nominal_loc = np.array([float(self.ref.nominal.loc[n]) for n in names])
+        self.nominal_log_sd = np.array([float(self.ref.nominal.log_sd[n]) for n in names])
+        self._arrays = [(jnp.asarray(lib.log_values), jnp.asarray(lib.log_q), jnp.asarray(lib.usable),
+                         jnp.asarray(lib.response), jnp.asarray(lib.pfs)) for lib in library.arms]
+        self._data_sizes = [self._sizes(t) for t in self.templates]
+        self.predict = jax.jit(self._predict)
+        self.fixed_ess = None
+        if self.mc_error == "fixed":
+            draws = jnp.asarray(self.sample_prior(jax.random.PRNGKey(0), prior_ess_draws))
+            ess = jax.jit(jax.vmap(lambda th: jnp.stack([e for _, e in self._predict(th)])))(draws)
+            self.fixed_ess = np.median(np.asarray(ess), axis=0)
+        self.log_posterior = jax.jit(self._log_posterior)
+        self.log_likelihood = jax.jit(self._log_likelihood)
+
+    # -- parameters -----------------------------------------------------------------------------
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return self.priors.ids
+
+    def prior_means(self) -> np.ndarray:
+        return self.ref.prior_means()
+
+    def prior_sds(self) -> np.ndarray:
+        return self.ref.prior_sds()
+
+    def _log_prior(self, theta):
+        return self.ref._log_prior(theta)
+
+    def sample_prior(self, key, n: int) -> np.ndarray:
+        return self.ref.sample_prior(key, n)
+
+    def natural(self, theta) -> dict[str, float]:
+        return self.ref.natural(theta)
+
+    def _loc_log_sd(self, theta):
+        theta = jnp.asarray(theta)
+        loc = jnp.where(jnp.asarray(self.median_index >= 0), theta[jnp.asarray(np.maximum(self.median_index, 0))],
+                        jnp.asarray(self.nominal_loc))
+        log_sd = jnp.where(jnp.asarray(self.sd_index >= 0), theta[jnp.asarray(np.maximum(self.sd_index, 0))],
+                           jnp.asarray(self.nominal_log_sd))
+        return loc, log_sd
+
+    def weights(self, theta) -> list[jax.Array]:
+        """Self-normalised weights of each arm's patients at ``theta``."""
+        loc, log_sd = self._loc_log_sd(theta)
+        return [self_normalised_weights(log_target_density(x, loc, log_sd), lq, ok)
+                for x, lq, ok, _, _ in self._arrays]
+
+    # -- predictions ----------------------------------------------------------------------------
+    def _predict(self, theta) -> tuple[tuple[Prediction, jax.Array], ...]:
+        """Per arm: the reweighted cohort :class:`Prediction` (one arm) and the weights' Kish ESS."""
+        out = []
+        for w, (_, _, ok, resp, pfs) in zip(self.weights(theta), self._arrays):
+            pred = Prediction((w @ resp)[None], (w @ pfs)[None], jnp.mean(ok.astype(float))[None])
+            out.append((pred, kish_ess(w)))
+        return tuple(out)
+
+    def ess(self, theta) -> np.ndarray:
+        """Kish ESS of each arm's weights at ``theta`` (A,)."""
+        return np.array([float(e) for _, e in self.predict(jnp.asarray(theta))])
+
+    # -- data and likelihood -----------------------------------------------------------------------
+    @staticmethod
+    def _sizes(t: Problem) -> dict:
+        """Fixed sizes of an arm's terms: the trial's response n and each PFS interval's number at
+        risk (Greenwood-matched, without Monte-Carlo term) with the observed S at its start."""
+        terms, arm = t.terms[0], t.arms[0]
+        start = []
+        if terms.pfs_points:
+            s0 = 1.0 - arm.response_counts[3] / arm.n if terms.first_scan is not None else 1.0
+            surv_at = {}
+            running = s0
+            for j in range(len(arm.pfs_days)):
+                running = min(arm.pfs_progression_free[j] / arm.n, running)
+                surv_at[j] = running
+            start = [surv_at[p] if p >= 0 else s0 for p in terms.pfs_from]
+        return {"response_n": float(terms.response_n), "pfs_at_risk": np.asarray(terms.pfs_at_risk, float),
+                "pfs_start": np.asarray(start, float)}
+
+    def observed_data(self) -> tuple[dict, ...]:
+        """The arms' data as proportions: ``counts`` (4,) fractions of the evaluated patients or
+        ``responders`` (), and ``pfs`` (J,) the conditional progression-free fraction of each scored interval."""
+        data = []
+        for t, sz in zip(self.templates, self._data_sizes):
+            terms, d = t.terms[0], {}
+            if terms.counts is not None:
+                d["counts"] = np.asarray(terms.counts, float) / sz["response_n"]
+            elif terms.responders is not None:
+                d["responders"] = np.asarray(terms.responders / sz["response_n"], float)
+            if terms.pfs_points:
+                d["pfs"] = np.asarray(terms.pfs_free, float) / sz["pfs_at_risk"]
+            data.append(d)
+        return tuple(data)
+
+    def effective_sizes(self, ess) -> list[dict]:
+        """n_eff of each term of each arm given the arms' Kish ESS (A,) (jax or numpy; ignored
+        unless ``mc_error="ess"``). ``"fixed"``: M = :attr:`fixed_ess`, sizes rounded to whole
+        patients (at least 1), as :func:`qspjax.inference.likelihood.arm_terms` rounds them."""
+        out = []
+        if self.mc_error == "fixed":
+            ess = self.fixed_ess
+        for sz, m in zip(self._data_sizes, ess):
+            if self.mc_error != "none":
+                n_resp = 1.0 / (1.0 / sz["response_n"] + 1.0 / m) if sz["response_n"] > 0 else 0.0
+                n_pfs = 1.0 / (1.0 / sz["pfs_at_risk"] + 1.0 / (m * sz["pfs_start"])) if len(sz["pfs_at_risk"]) else \
+                    sz["pfs_at_risk"]
+                if self.mc_error == "fixed":
+                    n_resp = float(max(1, round(n_resp))) if sz["response_n"] > 0 else 0.0
+                    n_pfs = np.maximum(1.0, np.round(np.asarray(n_pfs, float)))
+            else:
+                n_resp, n_pfs = sz["response_n"], sz["pfs_at_risk"]
+            out.append({"response_n": n_resp, "pfs_at_risk": n_pfs})
+        return out
+
+    def arm_log_likelihoods(self, pred, data: Sequence[dict] | None = None) -> jax.Array:
+        """Log-likelihood of each arm's data (proportions, layout of :meth:`observed_data`) (A,)."""
+        data = self.observed_data() if data is None else data
+        ess = [e for _, e in pred]
+        sizes = self.effective_sizes(ess)
+        out = []
+        for i, (t, d, sz, ne) in enumerate(zip(self.templates, data, self._data_sizes, sizes)):
+            p_arm, _ = pred[i]
+            p = p_arm.response[0]
+            ll = jnp.asarray(0.0)
+            if "counts" in d:
+                n = ne["response_n"]
+                ll = ll + multinomial_logpmf(jnp.asarray(d["counts"]) * n, p[:4]) + 3.0 * jnp.log(n / sz["response_n"])
+            elif "responders" in d:
+                n = ne["response_n"]
+                ll = ll + binomial_logpmf(jnp.asarray(d["responders"]) * n, n, p[0] + p[1]) + jnp.log(n / sz["response_n"])
+            if "pfs" in d:
+                q = t.pfs_conditionals(p_arm, 0)
+                m = ne["pfs_at_risk"]
+                ll = ll + jnp.sum(binomial_logpmf(jnp.asarray(d["pfs"]) * m, m, q) + jnp.log(m / sz["pfs_at_risk"]))
+            out.append(ll)
+        return jnp.stack(out)
+
+    def _log_likelihood(self, theta):
+        return jnp.sum(self.arm_log_likelihoods(self._predict(theta)))
+
+    def _log_posterior(self, theta):
+        return self._log_prior(theta) + self._log_likelihood(theta)
+
+    def simulate_data(self, theta, rng: np.random.Generator) -> tuple[dict, ...]:
+        """One data set at ``theta`` from the model the likelihood scores: per term, a count of
+        round(n_eff(theta)) patients (multinomial / binomial at the reweighted probabilities) as
+        a proportion; n_eff includes the Monte-Carlo term at theta's ESS when ``mc_error``."""
+        pred = self.predict(jnp.asarray(theta))
+        sizes = self.effective_sizes([float(e) for _, e in pred])
+        data = []
+        for i, (t, template, ne) in enumerate(zip(self.templates, self.observed_data(), sizes)):
+            p_arm, _ = pred[i]
+            p = np.asarray(p_arm.response[0])
+            d = {}
+            n = max(1, int(round(float(ne["response_n"])))) if ("counts" in template or "responders" in template) else 0
+            if "counts" in template:
+                q = np.clip(p[:4], 1e-9, None)
+                d["counts"] = rng.multinomial(n, q / q.sum()) / n
+            elif "responders" in template:
+                d["responders"] = np.asarray(rng.binomial(n, np.clip(p[0] + p[1], 0.0, 1.0)) / n, float)
+            if "pfs" in template:
+                q = np.clip(np.asarray(t.pfs_conditionals(p_arm, 0)), 0.0, 1.0)
+                m = np.maximum(1, np.round(np.asarray(ne["pfs_at_risk"], float))).astype(int)
+                d["pfs"] = rng.binomial(m, q) / m
+            data.append(d)
+        return tuple(data)
+
+    def predicted_orr(self, theta) -> np.ndarray:
+        """Predicted ORR of each arm at ``theta`` (A,)."""
+        return np.array([float(p.response[0, 0] + p.response[0, 1]) for p, _ in self.predict(jnp.asarray(theta))])
+
+
+# ---------------------------------------------------------------------------------------------
+# NUTS
+# ---------------------------------------------------------------------------------------------
+def numpyro_model(model: LibraryModel) -> None:
+    """Priors on the unconstrained parameters (one site per id) plus the reweighted log-likelihood."""
+    import numpyro
+    import numpyro.distributions as dist
+
+    mu, sd = model.prior_means(), model.prior_sds()
+    theta = jnp.stack([numpyro.sample(pid, dist.Normal(float(m), float(s))) for pid, m, s in zip(model.ids, mu, sd)])
+    numpyro.factor("log_likelihood", model.log_likelihood(theta))
+
+
+def run_nuts(model: LibraryModel, key, chains: int = 4, warmup: int = 500, samples: int = 500,
+             target_accept: float = 0.9, max_tree_depth: int = 8, progress: bool = False):
+    """numpyro NUTS on :func:`numpyro_model`, chains vectorised (the likelihood is closed-form);
+    each chain starts at its own uniform draw within ±0.5 of the prior centre (``init_to_uniform``)."""
+    from numpyro.infer import MCMC, NUTS
+    from numpyro.infer.initialization import init_to_uniform
+
+    kernel = NUTS(numpyro_model, target_accept_prob=target_accept, max_tree_depth=max_tree_depth,
+                  init_strategy=init_to_uniform(radius=0.5))
+    mcmc = MCMC(kernel, num_warmup=warmup, num_samples=samples, num_chains=chains, chain_method="vectorized",
+                progress_bar=progress)
+    mcmc.run(key, model, extra_fields=("diverging", "num_steps"))
+    return mcmc
+
+
+def posterior_matrix(mcmc, model: LibraryModel) -> np.ndarray:
+    s = mcmc.get_samples()
+    return np.stack([np.asarray(s[pid]) for pid in model.ids], axis=1)
+
+
+def summarise(mcmc, model: LibraryModel, ess_draws: int = 200) -> dict:
+    """R-hat, bulk/tail ESS, divergences, and the weights' Kish ESS per arm over posterior draws."""
+    import arviz as az
+
+    idata = az.from_numpyro(mcmc)
+    table = az.summary(idata, var_names=list(model.ids), kind="all", round_to="none")
+    diverging = np.asarray(mcmc.get_extra_fields(group_by_chain=True)["diverging"])
+    draws = posterior_matrix(mcmc, model)
+    nat = model.natural(np.median(draws, axis=0))
+    out = {"parameters": {}, "divergences": int(diverging.sum()), "divergences_per_chain": diverging.sum(1).tolist(),
+           "chains": int(diverging.shape[0]), "samples_per_chain": int(diverging.shape[1])}
+    for pid in model.ids:
+        row = table.loc[pid]
+        out["parameters"][pid] = {"mean": float(row["mean"]), "sd": float(row["sd"]), "hdi_3%": float(row["hdi_3%"]),
+                                  "hdi_97%": float(row["hdi_97%"]), "r_hat": float(row["r_hat"]),
+                                  "ess_bulk": float(row["ess_bulk"]), "ess_tail": float(row["ess_tail"]),
+                                  "prior_mean": float(model.prior_means()[model.ids.index(pid)]),
+                                  "prior_sd": float(model.prior_sds()[model.ids.index(pid)]),
+                                  "natural_median": nat[pid]}
+    out["rhat_max"] = max(v["r_hat"] for v in out["parameters"].values())
+    out["ess_bulk_min"] = min(v["ess_bulk"] for v in out["parameters"].values())
+    out["ess_tail_min"] = min(v["ess_tail"] for v in out["parameters"].values())
+    idx = np.unique(np.linspace(0, len(draws) - 1, min(ess_draws, len(draws))).round().astype(int))
+    ess = np.array([model.ess(draws[j]) for j in idx])  # (draws, arms)
+    out["weight_ess"] = {"draws": int(len(idx)), "note": "Kish ESS of each arm's importance weights at posterior draws",
+                         "per_arm": {a.arm_id: {"patients_usable": int(lib.usable.sum()), "min": float(ess[:, i].min()),
+                                                "median": float(np.median(ess[:, i]))}
+                                     for i, (a, lib) in enumerate(zip(model.arms, model.library.arms))}}
+    out["weight_ess"]["min_over_arms"] = float(ess.min())
+    out["weight_ess"]["min_of_arm_medians"] = float(np.median(ess, axis=0).min())
+    return out
+
+
+def predictive_table(model: LibraryModel, draws: np.ndarray, n_draws: int = 200, level: float = 0.95) -> list[dict]:
+    """Per arm: observed ORR and its exact CI, predicted ORR median and ``level`` interval over posterior
+    draws (the reweighted cohort mean: parameter uncertainty only), inside or not."""
+    from qspjax.outcomes import binomial_ci
+
+    idx = np.unique(np.linspace(0, len(draws) - 1, min(n_draws, len(draws))).round().astype(int))
+    orr = np.array([model.predicted_orr(draws[j]) for j in idx])  # (draws, arms)
+    rows = []
+    for i, a in enumerate(model.arms):
+        k = a.responders if a.responders is not None else (
+            a.response_counts[0] + a.response_counts[1] if a.response_counts is not None else None)
+        if k is None:
+            continue
+        n = int(sum(a.response_counts)) if a.response_counts is not None else int(a.n)
+        lo, hi = binomial_ci(int(k), n, level)
+        p_lo, p_med, p_hi = np.percentile(100 * orr[:, i], [100 * (1 - level) / 2, 50, 100 * (1 + level) / 2])
+        rows.append({"arm_id": a.arm_id, "observed_orr_pct": 100 * k / n, "observed_ci": [100 * lo, 100 * hi],
+                     "predicted_orr_pct": float(p_med), "predicted_interval": [float(p_lo), float(p_hi)],
+                     "observed_inside_interval": bool(p_lo <= 100 * k / n <= p_hi),
+                     "predicted_inside_observed_ci": bool(100 * lo <= p_med <= 100 * hi)})
+    return rows
+
+
+def write_posterior(out: str | Path, mcmc, model: LibraryModel, prov: dict, extra: dict | None = None,
+                    check_draws: int = 200) -> dict:
+    """``posterior.nc`` (ArviZ InferenceData), ``summary.json`` and ``run.json``, atomically; the
+    weights' ESS and the predicted ORR are read at ``check_draws`` evenly spaced posterior draws."""
+    import arviz as az
+
+    from qspjax.io import atomic_write, atomic_write_json
+
+    out = Path(out)
+    idata = az.from_numpyro(mcmc)
+    idata.posterior.attrs["scale"] = "unconstrained: log of medians, log of between-patient sds"
+    idata.posterior.attrs["route"] = "importance reweighting of a simulated library (qspjax.inference.library)"
+    atomic_write(out / "posterior.nc", lambda p: idata.to_netcdf(str(p), engine="h5netcdf"))
+    summary = summarise(mcmc, model, check_draws)
+    summary["predictive_orr"] = predictive_table(model, posterior_matrix(mcmc, model), check_draws)
+    summary["orr_inside_observed_ci"] = int(sum(r["predicted_inside_observed_ci"] for r in summary["predictive_orr"]))
+    summary.update(extra or {})
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / "run.json", prov)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Simulation-based calibration on a library
+# ---------------------------------------------------------------------------------------------
+def run_sbc(model: LibraryModel, replicates: int, key, warmup: int = 200, samples: int = 200, thin: int = 2,
+            target_accept: float = 0.8, max_tree_depth: int = 6, progress: bool = False):
+    """SBC of NUTS on the reweighted model (:func:`qspjax.inference.sbc.run_sbc`'s loop with
+    :meth:`LibraryModel.simulate_data`): theta from the prior, data from the reweighted model at
+    theta, one NUTS chain on the same library, rank of theta among L = samples // thin draws."""
+    from qspjax.inference.sbc import SBCResult, nuts_sampler, ranks
+
+    k_prior, k_data, k_nuts = jax.random.split(key, 3)
+    truths = model.sample_prior(k_prior, replicates)
+    rng = np.random.default_rng(int(jax.random.randint(k_data, (), 0, 2**31 - 1)))
+    sample = nuts_sampler(model, warmup, samples, thin, target_accept, max_tree_depth)
+    keys = jax.random.split(k_nuts, replicates)
+    rows, means, sds, div, ess_true = [], [], [], [], []
+    t0 = time.perf_counter()
+    compile_seconds = float("nan")
+    for r in range(replicates):
+        data = jax.tree_util.tree_map(jnp.asarray, model.simulate_data(truths[r], rng))
+        draws, n_div = sample(keys[r], data)
+        draws = np.asarray(draws)
+        rows.append(ranks(truths[r], draws))
+        means.append(draws.mean(0))
+        sds.append(draws.std(0))
+        div.append(int(n_div))
+        ess_true.append(float(model.ess(truths[r]).min()))
+        if r == 0:
+            compile_seconds = time.perf_counter() - t0
+        if progress and (r % 10 == 0 or r == replicates - 1):
+            print(f"replicate {r + 1}/{replicates}: divergences {div[-1]}, min weight ESS at truth "
+                  f"{ess_true[-1]:.1f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    settings = {"replicates": replicates, "warmup": warmup, "samples": samples, "thin": thin, "chains": 1,
+                "target_accept": target_accept, "max_tree_depth": max_tree_depth,
+                "init": "prior mean + 0.1 prior sd x N(0, 1)", "sampler": "numpyro NUTS kernel (diagonal mass)",
+                "mc_error": model.mc_error, "min_weight_ess_at_truth": ess_true}
+    return SBCResult(model.ids, np.asarray(rows, int), samples // thin, truths, np.asarray(means), np.asarray(sds),
+                     np.asarray(div, int), time.perf_counter() - t0, compile_seconds, settings)

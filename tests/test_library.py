@@ -1,0 +1,245 @@
+"""The library route of Bayesian inference (qspjax.inference.library): importance weights, the
+reweighted likelihood against likelihood.py, NUTS output the posterior-predictive reader accepts,
+and refusal of libraries that do not fit the run. Synthetic libraries (fake per-patient
+probabilities, no ODE) except one opt-in test that simulates a tiny real library."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qspjax.errors import QSPValidationError
+from qspjax.inference import library as L
+from qspjax.inference.config import LikelihoodSettings, load_priors
+
+from conftest import REPO
+
+ARMS = ("NCT02444741:pembro", "NCT03644823:atezo_sbrt")
+SETTINGS = LikelihoodSettings(patients=8, seed=0, horizon_days=190.0, output_every_days=7.0, rtol=1e-4,
+                              temperature=0.1, assessment_interval_days=56.0)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from qspjax.data import load_trials
+    from qspjax.params import load_parameters
+    from qspjax.vpop import load_population
+
+    params, spec = load_parameters(), load_population()
+    priors = load_priors(REPO / "configs/inference/priors_library.yaml", spec.names)
+    trials = load_trials()
+    arms = [trials.get_arm(a) for a in ARMS]
+    return params, spec, priors, arms
+
+
+def fake_library(setup, n=40, seed=0, tmp=None, arm_ids=ARMS) -> L.Library:
+    """A library of ``n`` proposal patients per arm with made-up outcome probabilities that depend
+    smoothly on the patients' log values (no ODE solve)."""
+    params, spec, priors, arms = setup
+    rng = np.random.default_rng(seed)
+    arms = [a for a in arms if a.arm_id in arm_ids]
+    t0 = L.arm_template(arms[0], priors, params, spec, SETTINGS, L.arm_horizon(arms[0], SETTINGS.horizon_days))
+    proposal = L.default_proposal(t0)
+    libs = []
+    for arm in arms:
+        t = L.arm_template(arm, priors, params, spec, SETTINGS, L.arm_horizon(arm, SETTINGS.horizon_days))
+        x = np.asarray(proposal.loc) + np.asarray(proposal.scale) * rng.standard_normal((n, len(proposal.names)))
+        score = 1.0 / (1.0 + np.exp(-(x - np.asarray(proposal.loc)) @ np.linspace(-1, 1, x.shape[1])))
+        resp = np.stack([0.1 * score, 0.4 * score, 0.5 * (1 - score), 0.5 * (1 - score), 0 * score], 1)
+        e = len(t.assessment_days)
+        pfs = np.cumprod(np.concatenate([np.ones((n, 1)), np.tile((0.6 + 0.35 * score)[:, None], (1, e - 1))], 1), 1)
+        libs.append(L.ArmLibrary(arm.arm_id, t.settings.horizon_days, x, proposal.log_density(x), resp, pfs,
+                                 np.ones(n, bool), np.ones(n, bool), np.zeros(n, int), np.asarray(t.assessment_days),
+                                 np.zeros((n, 0))))
+    meta = {"format": L.LIBRARY_FORMAT, "arm_ids": [a.arm_id for a in arms], "proposal": proposal.as_dict(),
+            "settings_key": "test", "likelihood": dataclasses.asdict(SETTINGS), "seed": seed}
+    lib = L.Library(tuple(libs), meta, "")
+    if tmp is not None:
+        from qspjax.io import atomic_write_json
+
+        for a in libs:
+            L._write_arm(L.arm_file(tmp, a.arm_id), a, "test")
+        atomic_write_json(tmp / L.SIDECAR, meta)
+        lib.path = str(tmp)
+    return lib
+
+
+def model_of(setup, lib, mc_error=True):
+    params, spec, priors, arms = setup
+    arms = [a for a in arms if a.arm_id in lib.arm_ids]
+    return L.LibraryModel(lib, arms, priors, params, spec, SETTINGS, mc_error=mc_error)
+
+
+def theta_at_proposal(model) -> np.ndarray:
+    """theta whose population is the proposal: medians at its centres, sds at its scales."""
+    prop = model.library.proposal()
+    theta = np.zeros(len(model.ids))
+    for k, name in enumerate(prop.names):
+        theta[model.ids.index(name)] = prop.loc[k]
+        theta[model.ids.index(f"{name}.sd")] = math.log(prop.scale[k])
+    return theta
+
+
+def test_weights_are_uniform_when_theta_is_the_proposal(setup):
+    model = model_of(setup, fake_library(setup, n=30))
+    for w in model.weights(jnp.asarray(theta_at_proposal(model))):
+        np.testing.assert_allclose(np.asarray(w), 1.0 / 30, rtol=1e-10)
+    np.testing.assert_allclose(model.ess(theta_at_proposal(model)), 30.0, rtol=1e-10)
+
+
+def test_reweighted_mean_matches_direct_monte_carlo():
+    # proposal N(0, 2^2), target N(0.5, 1): E[x^2] = 1.25, E[sigmoid(x)] by direct sampling
+    rng = np.random.default_rng(1)
+    prop = L.Proposal(("a",), (0.0,), (2.0,))
+    x = 2.0 * rng.standard_normal((200_000, 1))
+    w = L.self_normalised_weights(L.log_target_density(jnp.asarray(x), jnp.asarray([0.5]), jnp.log(jnp.asarray([1.0]))),
+                                  jnp.asarray(prop.log_density(x)), jnp.ones(len(x), bool))
+    assert float(w @ jnp.asarray(x[:, 0] ** 2)) == pytest.approx(1.25, abs=0.03)
+    direct = np.mean(1 / (1 + np.exp(-(0.5 + rng.standard_normal(200_000)))))
+    assert float(w @ jnp.asarray(1 / (1 + np.exp(-x[:, 0])))) == pytest.approx(direct, abs=0.005)
+
+
+def test_kish_ess():
+    assert float(L.kish_ess(jnp.ones(10) / 10)) == pytest.approx(10.0)
+    assert float(L.kish_ess(jnp.asarray([1.0, 0, 0, 0]))) == pytest.approx(1.0)
+    w = jnp.asarray([0.5, 0.25, 0.25])
+    assert float(L.kish_ess(w)) == pytest.approx(1.0 / (0.25 + 0.0625 + 0.0625))
+    assert float(L.kish_ess(3 * w)) == pytest.approx(float(L.kish_ess(w)))  # scale-free
+    # an unusable patient gets weight 0 and leaves the ESS
+    ws = L.self_normalised_weights(jnp.zeros(4), jnp.zeros(4), jnp.asarray([True, True, True, False]))
+    np.testing.assert_allclose(np.asarray(ws), [1 / 3, 1 / 3, 1 / 3, 0.0])
+
+
+def test_uniform_weights_reproduce_likelihood_py(setup):
+    """Without the Monte-Carlo term and with uniform weights, each arm's log-likelihood is the one
+    Problem.arm_log_likelihoods gives for the plain cohort mean (virtual_cohort_error=False)."""
+    from qspjax.inference.likelihood import Prediction
+
+    lib = fake_library(setup, n=25)
+    model = model_of(setup, lib, mc_error=False)
+    theta = jnp.asarray(theta_at_proposal(model))
+    ours = np.asarray(model.arm_log_likelihoods(model.predict(theta)))
+    for i, (t, a) in enumerate(zip(model.templates, lib.arms)):
+        pred = Prediction(jnp.asarray(a.response.mean(0))[None], jnp.asarray(a.pfs.mean(0))[None], jnp.ones(1))
+        ref = float(t.arm_log_likelihoods(pred)[0])
+        assert ours[i] == pytest.approx(ref, rel=1e-10, abs=1e-9)
+    # with the Monte-Carlo term at theta's ESS every size is 1/(1/n + 1/ESS)
+    wide = model_of(setup, lib, mc_error="ess")
+    for t, sizes in zip(wide.templates, wide.effective_sizes([25.0, 25.0])):
+        n = t.terms[0].response_n
+        assert sizes["response_n"] == pytest.approx(1 / (1 / n + 1 / 25.0))
+        m = np.asarray(t.terms[0].pfs_at_risk, float)
+        assert np.all(np.asarray(sizes["pfs_at_risk"]) < m)
+
+
+def test_fixed_monte_carlo_term_is_whole_patients_and_independent_of_theta(setup):
+    model = model_of(setup, fake_library(setup, n=20), mc_error="fixed")
+    assert model.fixed_ess.shape == (2,) and np.all((model.fixed_ess >= 1) & (model.fixed_ess <= 20))
+    a = model.effective_sizes([1.0, 1.0])
+    b = model.effective_sizes([20.0, 20.0])
+    for x, y in zip(a, b):
+        assert x["response_n"] == y["response_n"] == round(x["response_n"])
+        np.testing.assert_array_equal(x["pfs_at_risk"], y["pfs_at_risk"])
+    with pytest.raises(QSPValidationError, match="mc_error"):
+        model_of(setup, fake_library(setup, n=5), mc_error="sometimes")
+
+
+def test_simulated_data_have_the_observed_layout(setup):
+    model = model_of(setup, fake_library(setup, n=20))
+    obs = model.observed_data()
+    sim = model.simulate_data(model.prior_means(), np.random.default_rng(0))
+    for o, s in zip(obs, sim):
+        assert set(o) == set(s)
+        for k in o:
+            assert np.shape(o[k]) == np.shape(s[k])
+            assert np.all((np.asarray(s[k]) >= 0) & (np.asarray(s[k]) <= 1))
+    assert np.isfinite(float(model.log_posterior(jnp.asarray(model.prior_means()))))
+
+
+def test_nuts_writes_a_posterior_the_predictive_reader_accepts(setup, tmp_path):
+    from qspjax.inference.predictive import apply_draw, load_posterior, posterior_draws
+
+    params, spec, _, _ = setup
+    model = model_of(setup, fake_library(setup, n=20))
+    mcmc = L.run_nuts(model, jax.random.PRNGKey(0), chains=2, warmup=20, samples=20, max_tree_depth=3)
+    summary = L.write_posterior(tmp_path, mcmc, model, {"test": True}, check_draws=5)
+    for key in ("rhat_max", "ess_bulk_min", "divergences", "weight_ess", "predictive_orr"):
+        assert key in summary
+    assert set(summary["weight_ess"]["per_arm"]) == set(ARMS)
+    post = load_posterior(tmp_path)
+    assert set(post.draws) == set(model.ids) and post.n_draws == 40
+    for draw in posterior_draws(post, 3):
+        p, s = apply_draw(draw, params, spec)
+        assert p.values["k_C_T1"] == pytest.approx(math.exp(draw["k_C_T1"]))
+        assert s.cv["alpha_tumor"] == pytest.approx(math.sqrt(math.expm1(math.exp(draw["alpha_tumor.sd"]) ** 2)))
+    assert (tmp_path / "run.json").is_file()
+
+
+def test_library_round_trip_and_refusals(setup, tmp_path):
+    params, spec, priors, arms = setup
+    lib = fake_library(setup, n=10, tmp=tmp_path)
+    back = L.load_library(tmp_path)
+    assert back.arm_ids == ARMS
+    np.testing.assert_array_equal(back.arms[1].response, lib.arms[1].response)
+    # an arm the library was not built for
+    with pytest.raises(QSPValidationError, match=r"library\.json: arm_ids = 'NCT03223155:expansion'"):
+        L.load_library(tmp_path, ["NCT03223155:expansion"])
+    # a model over a different arm set
+    with pytest.raises(QSPValidationError, match="arm_ids"):
+        L.LibraryModel(back, arms[:1], priors, params, spec, SETTINGS)
+    # a library folder without its sidecar
+    with pytest.raises(QSPValidationError, match=r"library\.json: \(file\)"):
+        L.load_library(tmp_path / "nowhere")
+    # a missing arm file
+    L.arm_file(tmp_path, ARMS[0]).unlink()
+    with pytest.raises(QSPValidationError, match=r"NCT02444741_pembro\.npz: \(file\).*missing"):
+        L.load_library(tmp_path)
+    # an arm file built with other settings
+    L._write_arm(L.arm_file(tmp_path, ARMS[0]), lib.arms[0], "other")
+    with pytest.raises(QSPValidationError, match="settings_key"):
+        L.load_library(tmp_path)
+    # priors over other parameters than the library's proposal
+    from qspjax.inference.config import Prior, PriorSet
+
+    other = PriorSet((Prior("k_T1", "k_T1", "median", None, 1.0),))
+    with pytest.raises(QSPValidationError, match="proposal.names"):
+        L.LibraryModel(lib, arms, other, params, spec, SETTINGS)
+
+
+def test_kinetics_library_builds_and_resumes(setup, tmp_path, capsys):
+    params, spec, priors, arms = setup
+    lib = L.build_library(tmp_path, arms, priors, params, spec, SETTINGS, 6, 3, 190.0, "kinetics", progress=True)
+    assert [len(a) for a in lib.arms] == [6, 6]
+    again = L.build_library(tmp_path, arms, priors, params, spec, SETTINGS, 6, 3, 190.0, "kinetics", progress=True)
+    assert "kept" in capsys.readouterr().out
+    np.testing.assert_array_equal(again.arms[0].pfs, lib.arms[0].pfs)
+    model = L.LibraryModel(L.load_library(tmp_path), arms, priors, params, spec)
+    assert np.isfinite(float(model.log_posterior(jnp.asarray(model.prior_means()))))
+
+
+@pytest.mark.slow
+def test_tiny_real_library(setup, tmp_path):
+    """Three patients through the ODE on a short horizon: growth, screening, treatment, outcomes."""
+    params, spec, priors, arms = setup
+    settings = dataclasses.replace(SETTINGS, horizon_days=60.0)
+    lib = L.build_library(tmp_path, arms[:1], priors, params, spec, settings, 3, 0, 60.0, "qsp", chunk=3)
+    a = lib.arms[0]
+    assert len(a) == 3 and a.solved.all()
+    np.testing.assert_allclose(a.response.sum(1), 1.0, atol=1e-9)
+    assert np.all(a.pfs[:, 0] == 1.0)
+
+
+def test_libraries_of_other_seeds_merge(setup, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    fake_library(setup, n=10, seed=0, tmp=a)
+    fake_library(setup, n=7, seed=1, tmp=b)
+    merged = L.load_library([a, b])
+    assert [len(x) for x in merged.arms] == [17, 17]
+    assert merged.meta["seed"] == [0, 1]
+    with pytest.raises(QSPValidationError, match="different seeds"):
+        L.load_library([a, a])
