@@ -163,6 +163,33 @@ def sbc(args) -> dict:
     return summary
 
 
+def crossval(args) -> dict:
+    """Leave-one-trial-out predictions of every library arm (qspjax.inference.crossval): ``OUT/crossval.json``."""
+    import jax
+
+    from qspjax.inference.crossval import cross_validate, tally
+    from qspjax.inference.library import load_library
+
+    params, spec, priors, arms, settings, endpoints, record = _setup(args)
+    lib = load_library(args.library if len(args.library) > 1 else args.library[0], [a.arm_id for a in arms])
+    out = prepare_out_dir(args.out, overwrite=True)
+    t0 = time.perf_counter()
+    rows = cross_validate(lib, arms, priors, params, spec, jax.random.PRNGKey(args.seed), chains=args.chains,
+                          warmup=args.warmup, samples=args.samples, max_tree_depth=args.max_tree_depth,
+                          progress=None if args.quiet else (lambda m: print(m, flush=True)))
+    doc = {"route": "leave-one-trial-out on the importance-reweighted library (qspjax/inference/crossval.py)",
+           "summary": tally(rows), "arms": rows, "wall_s": time.perf_counter() - t0,
+           "provenance": provenance(config=vars(args) | {"model": record}, seed=args.seed)}
+    atomic_write_json(out / "crossval.json", doc)
+    for r in rows:
+        print(f"  {r['id']:32s} held out with {r['held_out_trial']}: observed {r['observed_orr_pct']:5.1f} % "
+              f"[{r['observed_orr_ci_pct'][0]:.1f}, {r['observed_orr_ci_pct'][1]:.1f}], predicted "
+              f"{r['predicted_orr_pct']:5.1f} %{'' if r['inside_ci'] else '  (outside the CI)'}")
+    s = doc["summary"]
+    print(f"cross-validated: {s['inside_ci']} of {s['arms']} arms inside their CI ({doc['wall_s']:.0f} s)")
+    return doc
+
+
 def main(args: argparse.Namespace) -> dict:
     if args.build:
         return build(args)
@@ -170,6 +197,8 @@ def main(args: argparse.Namespace) -> dict:
         from qspjax.errors import QSPValidationError
 
         raise QSPValidationError("command line", "--library", None, "a library folder (or --build to make one)")
+    if args.crossval:
+        return crossval(args)
     return sbc(args) if args.sbc else infer(args)
 
 
@@ -198,6 +227,8 @@ def parser() -> argparse.ArgumentParser:
                    help="Monte-Carlo term 1/n + 1/M: M = each arm's median Kish ESS over prior draws (fixed), "
                         "the ESS at theta (ess), or no term (none)")
     p.add_argument("--sbc", type=int, default=0, help="SBC replicates (instead of inference)")
+    p.add_argument("--crossval", action="store_true",
+                   help="leave-one-trial-out cross-validation of the library's arms (instead of inference)")
     p.add_argument("--thin", type=int, default=2, help="SBC: keep every thin-th draw")
     p.add_argument("--bins", type=int, default=10, help="SBC: rank histogram bins")
     p.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,50 @@
+"""Trial-grouped cross-validation on the library route (qspjax.inference.crossval)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from qspjax.errors import QSPValidationError
+from qspjax.inference import crossval as CV
+
+from test_library import ARMS, SETTINGS, fake_library, setup  # noqa: F401  (fixture)
+
+
+def test_folds_hold_out_whole_trials_once_each():
+    arms = ["NCT1:a", "NCT2:a", "NCT1:b", "NCT3:x"]
+    folds = CV.trial_folds(arms)
+    assert [f[0] for f in folds] == ["NCT1", "NCT2", "NCT3"]
+    assert folds[0] == ("NCT1", ["NCT2:a", "NCT3:x"], ["NCT1:a", "NCT1:b"])
+    held = [a for _, _, test in folds for a in test]
+    assert sorted(held) == sorted(arms)  # every arm held out exactly once
+    for _, train, test in folds:  # never fitted on an arm of the trial it predicts
+        assert not {CV.trial_of(a) for a in train} & {CV.trial_of(a) for a in test}
+    with pytest.raises(QSPValidationError, match="two trials"):
+        CV.trial_folds(["NCT1:a", "NCT1:b"])
+
+
+def test_subset_library_keeps_the_asked_arms_in_order(setup):  # noqa: F811
+    lib = fake_library(setup, n=12)
+    sub = CV.subset_library(lib, [ARMS[1]])
+    assert sub.arm_ids == (ARMS[1],) and sub.arms[0] is lib.arms[1] and sub.meta["arm_ids"] == [ARMS[1]]
+    with pytest.raises(QSPValidationError, match="NCT0000"):
+        CV.subset_library(lib, ["NCT0000:none"])
+
+
+def test_cross_validation_predicts_each_trial_from_the_others(setup):  # noqa: F811
+    params, spec, priors, arms = setup
+    lib = fake_library(setup, n=30)
+    rows = CV.cross_validate(lib, arms, priors, params, spec, jax.random.PRNGKey(0), settings=SETTINGS,
+                             chains=2, warmup=60, samples=60, max_tree_depth=5, n_draws=40)
+    assert [r["id"] for r in rows] == list(ARMS)  # two trials: each arm predicted once
+    assert [r["held_out_trial"] for r in rows] == [CV.trial_of(a) for a in ARMS]
+    for r in rows:
+        assert r["role"] == "cross_validated" and r["fitted_arms"] == 1
+        lo, hi = r["predicted_interval_pct"]
+        assert 0.0 <= lo <= r["predicted_orr_pct"] <= hi <= 100.0
+        assert r["inside_ci"] == (r["observed_orr_ci_pct"][0] <= r["predicted_orr_pct"] <= r["observed_orr_ci_pct"][1])
+        assert np.isfinite(r["fold_rhat_max"]) and r["fold_divergences"] >= 0
+    t = CV.tally(rows)
+    assert t["arms"] == 2 and t["inside_ci"] == sum(r["inside_ci"] for r in rows)
