@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-days", type=float, nargs="+", default=[0.0, 42.0, 84.0])
     p.add_argument("--future-days", type=float, nargs="+", default=[126.0, 168.0])
     p.add_argument("--history", default="configs/regimens/pembrolizumab_200mg_q3w.yaml")
+    p.add_argument("--report-every", type=int, default=0, help="print NUTS progress every this many iterations")
     p.add_argument("--toy", action="store_true", help="the closed-form toy simulator (tests)")
     p.add_argument("--json", required=False, default=None)
     p.add_argument("--merge", nargs="+", default=None, help="merge shard JSON files into --json and exit")
@@ -68,7 +69,7 @@ def summarise(patients: list[dict]) -> dict:
 
 
 def main(args) -> dict:
-    from qspjax.io import atomic_write_json, provenance
+    from qspjax.io import atomic_write_json, provenance, strict_json_dumps
 
     if args.merge:
         patients = []
@@ -79,7 +80,7 @@ def main(args) -> dict:
         res = {"design": first["design"], "patients": patients, "summary": summarise(patients),
                "merged_from": list(args.merge)}
         atomic_write_json(args.json, res)
-        print(json.dumps(res["summary"], indent=1))
+        print(strict_json_dumps(res["summary"]))
         return res
 
     from qspjax.analysis import twin
@@ -128,7 +129,8 @@ def main(args) -> dict:
         patient = twin.PatientData(f"synthetic-{i}", full.day[fit_mask], full.lesion[fit_mask], full.diameter_mm[fit_mask])
         data = twin.fit_data(patient, history, sim.drugs, pdl1)
         chains = twin.run_nuts(sim, data, chains=args.chains, warmup=args.warmup, samples=args.samples,
-                               seed=args.seed * 1000 + i, max_tree_depth=args.max_tree_depth)
+                               seed=args.seed * 1000 + i, max_tree_depth=args.max_tree_depth,
+                               report_every=args.report_every)
         diag = twin.diagnostics(chains, sim)
         flat = chains.z.reshape(-1, sim.dim)
         take = np.unique(np.linspace(0, flat.shape[0] - 1, min(args.predictive_draws, flat.shape[0])).round().astype(int))

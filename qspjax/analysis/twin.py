@@ -432,8 +432,9 @@ def _log_density(simulator, z, data):
     return jnp.where(ok & jnp.isfinite(ll), ll + prior, -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("simulator", "warmup", "samples", "max_tree_depth", "target_accept"))
-def _run_chain(key, z0, data, *, simulator, warmup, samples, max_tree_depth, target_accept):
+@functools.partial(jax.jit, static_argnames=("simulator", "warmup", "samples", "max_tree_depth", "target_accept",
+                                             "report_every"))
+def _run_chain(key, z0, data, *, simulator, warmup, samples, max_tree_depth, target_accept, report_every=0):
     from numpyro.infer import NUTS
 
     def potential(z):
@@ -443,11 +444,16 @@ def _run_chain(key, z0, data, *, simulator, warmup, samples, max_tree_depth, tar
                   dense_mass=True)
     state = kernel.init(key, warmup, init_params=z0)
 
-    def body(s, _):
+    def body(s, i):
         s = kernel.sample(s, (), {})
+        if report_every:
+            jax.lax.cond((i + 1) % report_every == 0,
+                         lambda: jax.debug.print("  NUTS iteration {i}/{n}: {k} leapfrog steps", i=i + 1,
+                                                 n=warmup + samples, k=s.num_steps),
+                         lambda: None)
         return s, (s.z, s.diverging, s.num_steps, s.potential_energy, s.accept_prob, s.adapt_state.step_size)
 
-    _, trace = jax.lax.scan(body, state, None, length=warmup + samples)
+    _, trace = jax.lax.scan(body, state, jnp.arange(warmup + samples))
     return trace
 
 
@@ -464,7 +470,7 @@ class Chains:
 
 def run_nuts(simulator, data: FitData, *, chains: int = 2, warmup: int = 100, samples: int = 100, seed: int = 0,
              max_tree_depth: int = 4, target_accept: float = 0.8, init_radius: float = 0.5,
-             progress: Callable[[str], None] | None = None) -> Chains:
+             progress: Callable[[str], None] | None = None, report_every: int = 0) -> Chains:
     """``chains`` NUTS chains one after another (one compile); each starts at a uniform draw in
     [-init_radius, init_radius]^D around the population median."""
     key = jax.random.PRNGKey(seed)
@@ -475,7 +481,7 @@ def run_nuts(simulator, data: FitData, *, chains: int = 2, warmup: int = 100, sa
         key, k_init, k_run = jax.random.split(key, 3)
         z0 = jax.random.uniform(k_init, (simulator.dim,), minval=-init_radius, maxval=init_radius, dtype=float)
         trace = _run_chain(k_run, z0, tree, simulator=simulator, warmup=warmup, samples=samples,
-                           max_tree_depth=max_tree_depth, target_accept=target_accept)
+                           max_tree_depth=max_tree_depth, target_accept=target_accept, report_every=report_every)
         out.append(jax.tree_util.tree_map(np.asarray, trace))
         if progress:
             progress(f"chain {c + 1}/{chains} done ({time.perf_counter() - t0:.0f} s)")
@@ -670,6 +676,7 @@ class TwinConfig:
     max_rhat: float = MAX_RHAT
     min_ess: float = MIN_ESS_BULK
     max_divergent_fraction: float = MAX_DIVERGENT_FRACTION
+    report_every: int = 20  # NUTS iterations between progress lines (when a progress function is given)
 
     @property
     def landmark(self) -> float:
@@ -763,7 +770,7 @@ def fit_twin(patient: PatientData, history: Regimen, candidates: Sequence[tuple[
         f"max tree depth {config.max_tree_depth}, {simulator.dim} parameters, {patient.n} read(s) to day {patient.last_day:g}")
     chains = run_nuts(simulator, data, chains=config.chains, warmup=config.warmup, samples=config.samples,
                       seed=config.seed, max_tree_depth=config.max_tree_depth, target_accept=config.target_accept,
-                      progress=log)
+                      progress=log, report_every=config.report_every if progress else 0)
     timing["nuts_s"] = chains.seconds
     diag = diagnostics(chains, simulator)
     diag["seconds"] = chains.seconds
