@@ -38,6 +38,8 @@ _EXPORTS = {
     "build_population": "qspjax.runner", "treat_population": "qspjax.runner", "run_cohort": "qspjax.runner",
     "Assessment": "qspjax.virtual_trial", "evaluate": "qspjax.virtual_trial",
     "load_experiment": "qspjax.virtual_trial", "load_trials": "qspjax.data",
+    # the patient digital twin
+    "fit_twin": "qspjax.analysis.twin", "load_patient": "qspjax.analysis.twin",
 }
 
 __all__ = sorted(["QSPValidationError", "__version__", *_EXPORTS])

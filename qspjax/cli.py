@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "qspjax.data.commands",
     "qspjax.commands.stop_time",
     "qspjax.commands.optimize",
+    "qspjax.commands.twin",
 )
 
 

@@ -5,7 +5,9 @@
 - :mod:`qspjax.analysis.stop_time`: the earliest antibody dose after which therapy can stop with
   the tumor still controlled at the horizon;
 - :mod:`qspjax.analysis.optimize`: gradient-based search of an RT + ICI regimen space under
-  clinical constraints.
+  clinical constraints;
+- :mod:`qspjax.analysis.twin`: a patient's digital twin (NUTS posterior from their lesion reads,
+  candidate regimens ranked by posterior-predictive outcome).
 
 The names below are imported on first use, so ``import qspjax.analysis`` stays cheap.
 """
@@ -20,6 +22,7 @@ _EXPORTS = {
     "load_analysis": "sensitivity",
     "find_stop_times": "stop_time", "StopCriterion": "stop_time",
     "load_space": "optimize", "optimize": "optimize",
+    "fit_twin": "twin", "TwinResult": "twin", "TwinConfig": "twin", "load_patient": "twin",
 }
 
 __all__ = sorted(_EXPORTS)

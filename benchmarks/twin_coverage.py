@@ -1,0 +1,179 @@
+"""Coverage of the patient digital twin on synthetic patients drawn from the model.
+
+Each patient: deviations z ~ N(0, I) (the population prior), solved under the history regimen,
+read at ``--fit-days`` (fitted) and ``--future-days`` (held back) with the stated measurement
+error (:data:`qspjax.analysis.twin.MEASUREMENT_ERROR_SOURCE`). The twin is fitted to the fitted
+reads only and its posterior-predictive 90 % intervals (measurement noise included) of the held-back
+reads, its 90 % credible bands of the held-back true diameters, and the 90 % intervals of the
+true deviations are checked for coverage. Every patient uses the same design, so the NUTS chain
+and the forward solve compile once.
+
+Writes strict JSON after every patient (``--json``), so a run stopped early leaves a valid partial
+result. Shard a long run with ``--start``/``--count`` (same ``--seed``: patient i is the same draw)
+and merge the files with ``--merge``.
+
+    taskset -c 1 python benchmarks/twin_coverage.py --patients 20 --json benchmarks/results_twin_coverage.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--patients", type=int, default=20)
+    p.add_argument("--start", type=int, default=0, help="first patient index (sharding)")
+    p.add_argument("--count", type=int, default=None, help="patients in this shard (default: all from --start)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--chains", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=60)
+    p.add_argument("--samples", type=int, default=60)
+    p.add_argument("--max-tree-depth", type=int, default=5)
+    p.add_argument("--predictive-draws", type=int, default=40)
+    p.add_argument("--fit-days", type=float, nargs="+", default=[0.0, 42.0, 84.0])
+    p.add_argument("--future-days", type=float, nargs="+", default=[126.0, 168.0])
+    p.add_argument("--history", default="configs/regimens/pembrolizumab_200mg_q3w.yaml")
+    p.add_argument("--report-every", type=int, default=0, help="print NUTS progress every this many iterations")
+    p.add_argument("--toy", action="store_true", help="the closed-form toy simulator (tests)")
+    p.add_argument("--json", required=False, default=None)
+    p.add_argument("--merge", nargs="+", default=None, help="merge shard JSON files into --json and exit")
+    return p
+
+
+def summarise(patients: list[dict]) -> dict:
+    ok = [p for p in patients if p.get("status") == "fitted"]
+    fut = [c for p in ok for c in p["future_read_in_90"]]
+    lat = [c for p in ok for c in p["future_true_in_90"]]
+    par = [c for p in ok for c in p["theta_in_90"].values()]
+    conv = [p for p in ok if not p["refused"]]
+    return {
+        "patients_done": len(patients), "patients_fitted": len(ok),
+        "patients_passing_diagnostics": len(conv),
+        "coverage_future_reads_90": float(np.mean(fut)) if fut else None,
+        "coverage_future_true_diameters_90": float(np.mean(lat)) if lat else None,
+        "coverage_parameters_90": float(np.mean(par)) if par else None,
+        "future_reads": len(fut), "parameter_checks": len(par),
+        "coverage_future_reads_90_passing_diagnostics": float(np.mean([c for p in conv for c in p["future_read_in_90"]]))
+        if conv else None,
+        "coverage_parameters_90_passing_diagnostics": float(np.mean([c for p in conv for c in p["theta_in_90"].values()]))
+        if conv else None,
+        "target": "0.80-0.97",
+    }
+
+
+def main(args) -> dict:
+    from qspjax.io import atomic_write_json, provenance, strict_json_dumps
+
+    if args.merge:
+        patients = []
+        for f in args.merge:
+            patients += json.loads(Path(f).read_text())["patients"]
+        patients.sort(key=lambda p: p["index"])
+        first = json.loads(Path(args.merge[0]).read_text())
+        res = {"design": first["design"], "patients": patients, "summary": summarise(patients),
+               "merged_from": list(args.merge)}
+        atomic_write_json(args.json, res)
+        print(strict_json_dumps(res["summary"]))
+        return res
+
+    from qspjax.analysis import twin
+    from qspjax.commands import _model_options as mo
+    from qspjax.params import load_parameters
+    from qspjax.regimen import compile_schedule, load_regimen, timeline_points
+    from qspjax.vpop import load_population
+
+    history = load_regimen(args.history)
+    if args.toy:
+        sim = twin.ToyTwinSimulator()
+    else:
+        params = load_parameters(mo.DEFAULT_PARAMS, (mo.CALIBRATED_PARAMS,))
+        spec = load_population(mo.CALIBRATED_POPULATION)
+        sim = twin.QSPTwinSimulator(params, spec, history.drugs)
+    fit_days, fut_days = list(args.fit_days), list(args.future_days)
+    all_days = fit_days + fut_days
+    horizon = max(all_days)
+    cfg = twin.TwinConfig(horizon_days=horizon + 1.0, chains=args.chains, warmup=args.warmup, samples=args.samples,
+                          max_tree_depth=args.max_tree_depth, predictive_draws=args.predictive_draws)
+    rng = np.random.default_rng(args.seed)
+    z_all = rng.standard_normal((args.patients, sim.dim))
+    count = args.patients - args.start if args.count is None else args.count
+    design = {"simulator": type(sim).__name__, "parameters": list(sim.names), "fit_days": fit_days,
+              "future_days": fut_days, "lesions": list(twin.LESIONS), "history": args.history,
+              "chains": args.chains, "warmup": args.warmup, "samples": args.samples,
+              "max_tree_depth": args.max_tree_depth, "predictive_draws": args.predictive_draws,
+              "measurement_error_model": twin.MEASUREMENT_ERROR_SOURCE, "seed": args.seed,
+              "interval": "central 90 % (5th-95th percentiles)"}
+    out = {"design": design, "provenance": provenance(vars(args), args.seed), "patients": [], "summary": {}}
+    pdl1 = sim.tps_multipliers[sim.default_tps_class]
+    grid = np.unique(np.concatenate([[0.0], all_days]))
+    sched = compile_schedule(history, sim.drugs, grid, 2, timeline_points(history, grid))
+    t_start = time.perf_counter()
+    for i in range(args.start, args.start + count):
+        t0 = time.perf_counter()
+        prng = np.random.default_rng([args.seed, i])
+        z = z_all[i]
+        full, true_d, ok = twin.synthetic_patient(sim, z, history, all_days, (0, 1), prng, pdl1)
+        rec = {"index": i, "z_true": z.tolist()}
+        if not ok:
+            rec["status"] = "truth failed to solve"
+            out["patients"].append(rec)
+            continue
+        fit_mask = full.day <= max(fit_days) + 1e-9
+        patient = twin.PatientData(f"synthetic-{i}", full.day[fit_mask], full.lesion[fit_mask], full.diameter_mm[fit_mask])
+        data = twin.fit_data(patient, history, sim.drugs, pdl1)
+        chains = twin.run_nuts(sim, data, chains=args.chains, warmup=args.warmup, samples=args.samples,
+                               seed=args.seed * 1000 + i, max_tree_depth=args.max_tree_depth,
+                               report_every=args.report_every)
+        diag = twin.diagnostics(chains, sim)
+        flat = chains.z.reshape(-1, sim.dim)
+        take = np.unique(np.linspace(0, flat.shape[0] - 1, min(args.predictive_draws, flat.shape[0])).round().astype(int))
+        d, okp = twin.solve_draws(sim, flat[take], sched, pdl1, chunk=8)
+        d = d[okp]
+        fut_mask = ~fit_mask
+        idx = np.searchsorted(grid, full.day[fut_mask])
+        les = full.lesion[fut_mask]
+        pred_true = d[:, idx, les]  # (draws, reads)
+        noisy = np.maximum(pred_true + np.asarray(twin.measurement_sd(pred_true)) * prng.standard_normal(pred_true.shape), 0)
+        noisy = np.where(noisy < twin.DETECTION_LIMIT_MM, 0.0, noisy)
+        y = full.diameter_mm[fut_mask]
+        lo, hi = np.quantile(noisy, [0.05, 0.95], axis=0)
+        read_in = ((y >= lo - 1e-9) & (y <= hi + 1e-9)).tolist()
+        truth = true_d[np.searchsorted(np.asarray(all_days), full.day[fut_mask]), les]
+        tlo, thi = np.quantile(pred_true, [0.05, 0.95], axis=0)
+        true_in = ((truth >= tlo) & (truth <= thi)).tolist()
+        zq = np.quantile(flat, [0.05, 0.95], axis=0)
+        theta_in = {n: bool(zq[0, j] <= z[j] <= zq[1, j]) for j, n in enumerate(sim.names)}
+        refused = twin.diagnose(diag)
+        rec.update({"status": "fitted", "rhat_max": diag["rhat_max"], "ess_bulk_min": diag["ess_bulk_min"],
+                    "divergences": diag["divergences"], "refused": bool(refused), "refusal_reasons": refused,
+                    "future_read_in_90": read_in, "future_true_in_90": true_in, "theta_in_90": theta_in,
+                    "future_reads_mm": y.tolist(), "future_true_mm": truth.tolist(),
+                    "future_read_interval_mm": [lo.tolist(), hi.tolist()],
+                    "z_posterior_q05": zq[0].tolist(), "z_posterior_q95": zq[1].tolist(),
+                    "mean_leapfrog_steps": diag["mean_leapfrog_steps"], "seconds": time.perf_counter() - t0})
+        out["patients"].append(rec)
+        out["summary"] = summarise(out["patients"])
+        out["summary"]["elapsed_s"] = time.perf_counter() - t_start
+        if args.json:
+            atomic_write_json(args.json, out)
+        s = out["summary"]
+        print(f"patient {i}: {rec['seconds']:.0f} s, R-hat {diag['rhat_max']:.3f}, ESS {diag['ess_bulk_min']:.0f}, "
+              f"div {diag['divergences']}; running coverage reads {s['coverage_future_reads_90']:.2f} "
+              f"true {s['coverage_future_true_diameters_90']:.2f} params {s['coverage_parameters_90']:.2f}", flush=True)
+    out["summary"] = summarise(out["patients"])
+    out["summary"]["elapsed_s"] = time.perf_counter() - t_start
+    out["summary"]["complete"] = True
+    if args.json:
+        atomic_write_json(args.json, out)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main(build_parser().parse_args()) else 1)
