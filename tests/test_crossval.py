@@ -37,7 +37,7 @@ def test_cross_validation_predicts_each_trial_from_the_others(setup):  # noqa: F
     params, spec, priors, arms = setup
     lib = fake_library(setup, n=30)
     rows = CV.cross_validate(lib, arms, priors, params, spec, jax.random.PRNGKey(0), settings=SETTINGS,
-                             chains=2, warmup=60, samples=60, max_tree_depth=5, n_draws=40)
+                             chains=2, warmup=25, samples=25, max_tree_depth=3, n_draws=10)
     assert [r["id"] for r in rows] == list(ARMS)  # two trials: each arm predicted once
     assert [r["held_out_trial"] for r in rows] == [CV.trial_of(a) for a in ARMS]
     for r in rows:
