@@ -33,6 +33,7 @@ def test_subset_library_keeps_the_asked_arms_in_order(setup):  # noqa: F811
         CV.subset_library(lib, ["NCT0000:none"])
 
 
+@pytest.mark.slow  # ~35 s: two NUTS folds
 def test_cross_validation_predicts_each_trial_from_the_others(setup):  # noqa: F811
     params, spec, priors, arms = setup
     lib = fake_library(setup, n=30)

@@ -161,6 +161,7 @@ def test_simulated_data_have_the_observed_layout(setup):
     assert np.isfinite(float(model.log_posterior(jnp.asarray(model.prior_means()))))
 
 
+@pytest.mark.slow  # ~40 s; the committed fits/posterior is read by a fast test
 def test_nuts_writes_a_posterior_the_predictive_reader_accepts(setup, tmp_path):
     from qspjax.inference.predictive import apply_draw, load_posterior, posterior_draws
 
@@ -211,6 +212,7 @@ def test_library_round_trip_and_refusals(setup, tmp_path):
         L.LibraryModel(lib, arms, other, params, spec, SETTINGS)
 
 
+@pytest.mark.slow  # ~15 s of surrogate solves
 def test_kinetics_library_builds_and_resumes(setup, tmp_path, capsys):
     params, spec, priors, arms = setup
     lib = L.build_library(tmp_path, arms, priors, params, spec, SETTINGS, 6, 3, 190.0, "kinetics", progress=True)
@@ -243,3 +245,15 @@ def test_libraries_of_other_seeds_merge(setup, tmp_path):
     assert merged.meta["seed"] == [0, 1]
     with pytest.raises(QSPValidationError, match="different seeds"):
         L.load_library([a, a])
+
+
+def test_committed_posterior_is_readable_by_the_predictive_machinery():
+    # The shipped library-route posterior (fits/posterior) in the layout `qspjax trial --posterior` reads.
+    from qspjax.inference.predictive import load_posterior, posterior_draws
+
+    post = load_posterior(REPO / "fits/posterior")
+    ids = {"k_C1_growth", "k_C_T1", "q_T1_T_in", "n_T1_clones", "alpha_tumor"}
+    assert ids | {f"{i}.sd" for i in ids} <= set(post.draws)
+    assert post.n_draws == 4 * 1000 and all(np.all(np.isfinite(v)) for v in post.draws.values())
+    draws = posterior_draws(post, 4)
+    assert len(draws) == 4

@@ -309,6 +309,7 @@ def test_solver_gradients_wrt_emax_and_lql_match_finite_differences(params):
 
 
 # --- SBML export -------------------------------------------------------------------------------
+@pytest.mark.slow  # ~30 s: exports and evaluates the SBML model
 def test_sbml_export_carries_emax_and_lql(params):
     pytest.importorskip("libsbml")
     roadrunner = pytest.importorskip("roadrunner")

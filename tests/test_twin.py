@@ -223,6 +223,7 @@ def test_one_measurement_is_prior_dominated_and_says_so(tmp_path, toy):
     assert not res.refused and len(res.ranking) == 2
 
 
+@pytest.mark.slow  # ~20 s of toy NUTS fits
 def test_toy_coverage_of_held_back_reads_and_parameters_is_near_nominal(tmp_path):
     """The coverage script on 20 toy patients (a wrong noise model or likelihood breaks this)."""
     if str(REPO) not in sys.path:
