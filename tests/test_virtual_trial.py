@@ -413,3 +413,7 @@ def test_target_lesion_choice_scores_the_chosen_lesion():
     assert evaluate(_two_lesions(days, d), Assessment(target="all")).best.category.tolist() == [oc.PR]
     with pytest.raises(QSPValidationError, match="target"):
         Assessment(target="lesion_3")
+    from qspjax.commands.trial import _TARGETS
+    from qspjax.virtual_trial import TARGET_LESIONS
+
+    assert _TARGETS == TARGET_LESIONS  # the CLI offers exactly what evaluate accepts

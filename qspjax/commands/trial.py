@@ -11,6 +11,11 @@ from qspjax.commands import _model_options as model_options
 from qspjax.errors import QSPValidationError
 
 
+# RECIST target-lesion choices: qspjax.virtual_trial.TARGET_LESIONS (not imported here, to keep the
+# CLI's start-up free of the numerical stack; tests/test_virtual_trial.py checks they agree).
+_TARGETS = ("all", "irradiated", "non_irradiated")
+
+
 def _common(p: argparse.ArgumentParser, default_rtol: float = 1e-5) -> None:
     model_options.add_arguments(p)
     p.add_argument("--patients", type=int, default=100, help="virtual patients per arm (default 100)")
@@ -38,7 +43,7 @@ def register(sub) -> None:
                    help="simulated days (default: the arm's follow-up, else 400)")
     p.add_argument("--assessment-interval", type=float, default=56.0,
                    help="days between RECIST assessments (default 56 = 8 weeks)")
-    p.add_argument("--target", choices=("all", "irradiated", "non_irradiated"), default="all",
+    p.add_argument("--target", choices=_TARGETS, default="all",
                    help="RECIST target lesions (default all; PEMBRO-RT-like trials: non_irradiated; "
                         "the seed's one-tumor QSP-IO setting: irradiated)")
     p.add_argument("--death-rate-per-day", type=float, default=0.0,
@@ -62,7 +67,7 @@ def register(sub) -> None:
                    help="a calibration's posterior (DIR/posterior.nc): every protocol's rates also as "
                         "posterior-predictive credible intervals (summary.json: protocols[].posterior_predictive)")
     c.add_argument("--posterior-draws", type=int, default=16, help="posterior draws simulated (default 16)")
-    c.add_argument("--target", choices=("all", "irradiated", "non_irradiated"), default=None,
+    c.add_argument("--target", choices=_TARGETS, default=None,
                    help="RECIST target lesions, replacing the experiment file's assessment.target "
                         "(irradiated: the seed's one-tumor setting, the irradiated lesion alone)")
     _common(c)
