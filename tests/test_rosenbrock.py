@@ -1,4 +1,4 @@
-"""Rodas4 (qspjax.rosenbrock) on problems with known or independently computed solutions."""
+"""Rodas4 and Rodas5P (qspjax.rosenbrock) on problems with known or independently computed solutions."""
 
 import diffrax as dfx
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
 
-from qspjax.rosenbrock import Rodas4
+from qspjax.rosenbrock import Rodas4, Rodas5P
 
 
 def robertson(t, y, args):
@@ -28,8 +28,8 @@ def oscillator_exact():
     return sol.sol
 
 
-def _fixed(n, y0=(1.0, 0.0), autonomous=False, saveat=None):
-    return dfx.diffeqsolve(dfx.ODETerm(forced_oscillator), Rodas4(autonomous=autonomous), 0.0, 2.0, 2.0 / n,
+def _fixed(n, y0=(1.0, 0.0), autonomous=False, saveat=None, solver=Rodas4):
+    return dfx.diffeqsolve(dfx.ODETerm(forced_oscillator), solver(autonomous=autonomous), 0.0, 2.0, 2.0 / n,
                            jnp.asarray(y0), max_steps=1000, saveat=saveat or dfx.SaveAt(t1=True))
 
 
@@ -37,6 +37,25 @@ def test_fourth_order_convergence(oscillator_exact):
     errors = [float(np.max(np.abs(np.asarray(_fixed(n).ys[-1]) - oscillator_exact(2.0)))) for n in (10, 20, 40, 80)]
     orders = np.log2(np.asarray(errors[:-1]) / np.asarray(errors[1:]))
     assert np.all(orders > 3.8) and np.all(orders < 4.3), orders
+
+
+def test_rodas5p_fifth_order_with_a_fourth_order_dense_output(oscillator_exact):
+    # The tableau (Steinebach 2023) is checked by its convergence: a wrong coefficient drops the
+    # order of the solution or of the continuous extension.
+    errors = [float(np.max(np.abs(np.asarray(_fixed(n, solver=Rodas5P).ys[-1]) - oscillator_exact(2.0))))
+              for n in (5, 10, 20, 40)]
+    orders = np.log2(np.asarray(errors[:-1]) / np.asarray(errors[1:]))
+    assert np.all(orders > 4.7) and np.all(orders < 5.6), orders
+    tt = np.linspace(0.0, 2.0, 33)[1:-1] - 0.013
+    dense = []
+    for n in (8, 16, 32):
+        sol = _fixed(n, saveat=dfx.SaveAt(dense=True), solver=Rodas5P)
+        dense.append(np.max(np.abs(np.asarray(jax.vmap(sol.evaluate)(jnp.asarray(tt))).T - oscillator_exact(tt))))
+    assert np.all(np.log2(np.asarray(dense[:-1]) / np.asarray(dense[1:])) > 3.8), dense
+    # Dropping ∂f/∂t of this time-dependent field costs Rodas5P its order too.
+    right = float(np.max(np.abs(np.asarray(_fixed(20, solver=Rodas5P).ys[-1]) - oscillator_exact(2.0))))
+    wrong = float(np.max(np.abs(np.asarray(_fixed(20, autonomous=True, solver=Rodas5P).ys[-1]) - oscillator_exact(2.0))))
+    assert wrong > 100 * right
 
 
 def test_time_dependence_needs_the_time_derivative(oscillator_exact):
@@ -56,13 +75,14 @@ def test_dense_output_third_order(oscillator_exact):
     assert errs[1] < 2e-5
 
 
+@pytest.mark.parametrize("solver", [Rodas4, Rodas5P])
 @pytest.mark.parametrize("rtol", [1e-5, 1e-8])
-def test_stiff_robertson_against_radau(rtol):
+def test_stiff_robertson_against_radau(rtol, solver):
     y0 = np.array([1.0, 0.0, 0.0])
     ref = solve_ivp(lambda t, y: np.asarray(robertson(t, y, None)), (0.0, 40.0), y0, method="Radau",
                     rtol=1e-12, atol=1e-16, dense_output=True)
     ts = np.linspace(0.0, 40.0, 9)
-    sol = dfx.diffeqsolve(dfx.ODETerm(robertson), Rodas4(), 0.0, 40.0, 1e-6, jnp.asarray(y0),
+    sol = dfx.diffeqsolve(dfx.ODETerm(robertson), solver(), 0.0, 40.0, 1e-6, jnp.asarray(y0),
                           saveat=dfx.SaveAt(ts=jnp.asarray(ts)), max_steps=100_000,
                           stepsize_controller=dfx.PIDController(rtol=rtol, atol=rtol * 1e-4))
     want = ref.sol(ts).T

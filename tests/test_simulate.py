@@ -88,8 +88,11 @@ def test_matches_scipy_radau_for_several_patients(two_lesion_patients):
             for name, v in yk.items():
                 ours = np.asarray(traj.ys[name][i, k])
                 want = np.asarray(v)
-                # relative error, with a floor of 1e-8 of the state's typical size for states at ~0
-                scale = np.maximum(np.abs(want), 1e-8 * np.asarray(typical[name]))
+                # relative error, with a floor of 1e-7 of the state's typical size for states at ~0:
+                # the solve's absolute tolerance is 1e-13 of it, and a pool that is exactly 0 until
+                # the first RT fraction (C_doomed_icd) holds ~1e-13 x typical in Rodas5P (the
+                # non-negative projection keeps the positive half of round-off-level excursions)
+                scale = np.maximum(np.abs(want), 1e-7 * np.asarray(typical[name]))
                 assert np.all(np.abs(ours - want) <= 1e-5 * scale), (i, k, name)
 
 
