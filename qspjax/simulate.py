@@ -49,17 +49,20 @@ _SOLVERS = {"rodas4": Rodas4, "rodas5p": Rodas5P, "kvaerno5": dfx.Kvaerno5, "kva
 class SolverConfig:
     """Solver settings. Tolerances act on states divided by their typical magnitude.
 
-    ``solver`` is ``"rodas4"`` (default; :class:`qspjax.rosenbrock.Rodas4`, a Rosenbrock method
-    with no Newton iteration) or one of diffrax's ``"kvaerno5"``, ``"kvaerno3"``,
+    ``solver`` is ``"rodas5p"`` (default; :class:`qspjax.rosenbrock.Rodas5P`, a Rosenbrock method
+    with no Newton iteration), ``"rodas4"`` (:class:`qspjax.rosenbrock.Rodas4`) or one of diffrax's ``"kvaerno5"``, ``"kvaerno3"``,
     ``"kencarp4"`` (implicit Runge–Kutta; their stage equations are solved to
     ``newton_tol_factor`` times the step tolerances) and ``"tsit5"`` (explicit, for non-stiff
     checks). ``pcoeff``/``icoeff`` are the step-size controller's coefficients
-    (:class:`diffrax.PIDController`); the default pure integral controller suits Rodas4, whose
+    (:class:`diffrax.PIDController`); the default pure integral controller suits the Rodas methods, whose
     steps fail only on accuracy (measured over 400 days of nivolumab Q2W + SBRT, 8 patients,
     rtol 1e-5: 2,392 steps with PI coefficients 0.3/0.4, 1,674 with 0/1; final cancer cells
-    within 4e-5 and 1.3e-4 of a 1e-8 solve). ``sparse_jacobian`` (Rodas4 only) forms each step's
+    within 4e-5 and 1.3e-4 of a 1e-8 solve). ``sparse_jacobian`` (Rodas only) forms each step's
     Jacobian from one JVP per colour of its structural sparsity pattern (16 for the two-lesion
     model, against 53 states; :mod:`qspjax.sparsity`) rather than one per state: the same matrix.
+    ``linear_solver`` (Rodas only): ``"auto"`` (default) factorises each step's matrix with the
+    compiled sparse LU of :mod:`qspjax.sparse_lu` where it can be built (CPU backend, a C++
+    compiler), else with dense LAPACK; ``"sparse"`` or ``"dense"`` force one.
     ``max_steps`` bounds one diffrax solve; a segment between two events may take up to
     ``max_restarts`` further solves of that budget (each continuing where the last stopped), so
     the total budget grows with the horizon instead of failing long follow-ups.
@@ -77,6 +80,7 @@ class SolverConfig:
     icoeff: float = 1.0
     sparse_jacobian: bool = True
     nonnegative: bool = True
+    linear_solver: str = "auto"
 
     def make_solver(self):
         try:
@@ -87,7 +91,8 @@ class SolverConfig:
             return cls()
         if issubclass(cls, _Rodas):
             # The model's vector field does not depend on time.
-            return cls(autonomous=True, sparse_jacobian=self.sparse_jacobian, nonnegative=self.nonnegative)
+            return cls(autonomous=True, sparse_jacobian=self.sparse_jacobian, nonnegative=self.nonnegative,
+                       linear_solver=self.linear_solver)
         # The stage equations need to be solved only well inside the local error the controller
         # accepts (Hairer & Wanner's Radau5 stops Newton at ~0.03 of it). Solving them to the
         # controller's own tolerance made ~40 % of the steps fail on Newton, not on accuracy

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Literal
 
-__all__ = ["coloured_jacobian", "column_colouring", "jacobian_sparsity"]
+__all__ = ["coloured_jacobian", "coloured_entries", "column_colouring", "jacobian_sparsity"]
 
 # Primitives whose derivative is zero (or whose output is discrete): no dependency flows through.
 _NO_DERIVATIVE = frozenset({
@@ -99,6 +99,19 @@ def coloured_jacobian(jvp, pattern: np.ndarray, dtype) -> jax.Array:
     seeds[np.arange(n), colour] = 1.0
     probes = jax.vmap(jvp, in_axes=1, out_axes=1)(jnp.asarray(seeds, dtype=dtype))  # (m, k)
     return jnp.where(pattern, probes[:, colour], jnp.zeros((), dtype))
+
+
+def coloured_entries(jvp, pattern: np.ndarray, rows: np.ndarray, cols: np.ndarray, dtype) -> jax.Array:
+    """The Jacobian's values at ``(rows[e], cols[e])`` (entries of ``pattern``) from ``jvp``, one
+    JVP per colour of :func:`column_colouring`, without forming the dense matrix."""
+    pattern = np.asarray(pattern, dtype=bool)
+    n = pattern.shape[1]
+    colour = column_colouring(pattern)
+    k = int(colour.max()) + 1 if n else 0
+    seeds = np.zeros((n, k))
+    seeds[np.arange(n), colour] = 1.0
+    probes = jax.vmap(jvp, in_axes=1, out_axes=1)(jnp.asarray(seeds, dtype=dtype))  # (m, k)
+    return probes[np.asarray(rows), colour[np.asarray(cols)]]
 
 
 # ---------------------------------------------------------------------------------------------
