@@ -92,26 +92,26 @@ def coloured_jacobian(jvp, pattern: np.ndarray, dtype) -> jax.Array:
     """The dense ``(m, n)`` Jacobian from ``jvp`` (the linear map of :func:`jax.linearize`), one
     JVP per colour of :func:`column_colouring`; entries outside ``pattern`` are exactly zero."""
     pattern = np.asarray(pattern, dtype=bool)
-    n = pattern.shape[1]
-    colour = column_colouring(pattern)
-    k = int(colour.max()) + 1 if n else 0
-    seeds = np.zeros((n, k))
-    seeds[np.arange(n), colour] = 1.0
-    probes = jax.vmap(jvp, in_axes=1, out_axes=1)(jnp.asarray(seeds, dtype=dtype))  # (m, k)
+    probes, colour = _probes(jvp, pattern, dtype)
     return jnp.where(pattern, probes[:, colour], jnp.zeros((), dtype))
 
 
 def coloured_entries(jvp, pattern: np.ndarray, rows: np.ndarray, cols: np.ndarray, dtype) -> jax.Array:
     """The Jacobian's values at ``(rows[e], cols[e])`` (entries of ``pattern``) from ``jvp``, one
     JVP per colour of :func:`column_colouring`, without forming the dense matrix."""
-    pattern = np.asarray(pattern, dtype=bool)
+    probes, colour = _probes(jvp, np.asarray(pattern, dtype=bool), dtype)
+    return probes[np.asarray(rows), colour[np.asarray(cols)]]
+
+
+def _probes(jvp, pattern: np.ndarray, dtype):
+    """``jvp`` applied to one seed per colour: the ``(m, colours)`` compressed Jacobian, and the
+    colour of each column."""
     n = pattern.shape[1]
     colour = column_colouring(pattern)
     k = int(colour.max()) + 1 if n else 0
     seeds = np.zeros((n, k))
     seeds[np.arange(n), colour] = 1.0
-    probes = jax.vmap(jvp, in_axes=1, out_axes=1)(jnp.asarray(seeds, dtype=dtype))  # (m, k)
-    return probes[np.asarray(rows), colour[np.asarray(cols)]]
+    return jax.vmap(jvp, in_axes=1, out_axes=1)(jnp.asarray(seeds, dtype=dtype)), colour
 
 
 # ---------------------------------------------------------------------------------------------
