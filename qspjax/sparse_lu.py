@@ -288,15 +288,19 @@ def _library(s: SparseLU) -> _Library:
     folder = _cache_dir() / digest
     so = folder / "kernels.so"
     if not so.exists():
+        # Each process compiles in its own temporary folder and moves the result into place
+        # atomically, so that concurrent first uses (pytest-xdist workers, local processes) never
+        # read a half-written source or library.
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "kernels.cc").write_text(source)
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:  # compile, then move into place atomically
-            out = Path(tmp) / "kernels.so"
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            src, out = Path(tmp) / "kernels.cc", Path(tmp) / "kernels.so"
+            src.write_text(source)
             cmd = [os.environ.get("CXX", "c++"), "-O2", "-std=c++17", "-shared", "-fPIC",
-                   "-I", jax.ffi.include_dir(), str(folder / "kernels.cc"), "-o", str(out)]
+                   "-I", jax.ffi.include_dir(), str(src), "-o", str(out)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
-                raise RuntimeError(f"qspjax.sparse_lu: compiling {folder / 'kernels.cc'} failed: {done.stderr[-2000:]}")
+                raise RuntimeError(f"qspjax.sparse_lu: compiling the kernels for {folder} failed: {done.stderr[-2000:]}")
+            os.replace(src, folder / "kernels.cc")
             os.replace(out, so)
     lib = ctypes.cdll.LoadLibrary(str(so))
     names = _Library(f"qspjax_lu_factor_{tag}", f"qspjax_lu_solve_{tag}", f"qspjax_lu_solve_t_{tag}")
