@@ -36,25 +36,38 @@ def main(args) -> dict:
            "linear_solver": problem.config.linear_solver, "setup_seconds": setup.seconds}
     for name, fn in (("forward", problem.log_posterior), ("value_and_grad", problem.value_and_grad)):
         start = time.perf_counter()
-        value = C.block(fn(theta))
+        try:
+            value = C.block(fn(theta))
+        except Exception as exc:  # e.g. XLA's RESOURCE_EXHAUSTED: recorded as the measurement's outcome
+            out[name] = {"failed": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+                         "seconds_until_failure": time.perf_counter() - start}
+            print(f"{name}: failed after {out[name]['seconds_until_failure']:.0f} s: {out[name]['failed']}", flush=True)
+            continue
         first = time.perf_counter() - start
         runs = []
         for _ in range(args.repeats):
             start = time.perf_counter()
             value = C.block(fn(theta))
             runs.append(time.perf_counter() - start)
-        seconds = float(np.min(runs)) if runs else float("nan")
-        out[name] = {"seconds": seconds, "first_call_seconds": first, "compile_seconds": max(first - seconds, 0.0)}
+        if runs:
+            seconds = float(np.min(runs))
+            out[name] = {"seconds": seconds, "first_call_seconds": first, "compile_seconds": max(first - seconds, 0.0)}
+        else:  # --repeats 0: only the compiling call, which includes one evaluation
+            out[name] = {"seconds": first, "first_call_seconds": first, "compile_seconds": None}
         if name == "value_and_grad":
             grad = np.asarray(value[1])
             out[name]["gradient_finite"] = bool(np.all(np.isfinite(grad)))
             out[name]["value"] = float(value[0])
         else:
             out[name]["value"] = float(value)
-    out["ratio_gradient_to_forward"] = out["value_and_grad"]["seconds"] / out["forward"]["seconds"]
-    rows = [(k, f"{out[k]['seconds']:.2f}", f"{out[k]['compile_seconds']:.1f}") for k in ("forward", "value_and_grad")]
+        print(f"{name}: {out[name]['seconds']:.2f} s (first call {first:.1f} s)", flush=True)
+    done = [k for k in ("forward", "value_and_grad") if "seconds" in out[k]]
+    if len(done) == 2:
+        out["ratio_gradient_to_forward"] = out["value_and_grad"]["seconds"] / out["forward"]["seconds"]
+    rows = [(k, f"{out[k]['seconds']:.2f}", "-" if out[k]["compile_seconds"] is None else f"{out[k]['compile_seconds']:.1f}")
+            for k in done]
     print(f"{args.config}: {out['arms']} arms x {args.patients} patients x {args.horizon_days:g} days, "
-          f"{out['parameters']} parameters, rtol {out['rtol']:g}; log posterior {out['forward']['value']:.4f}")
+          f"{out['parameters']} parameters, rtol {out['rtol']:g}")
     C.print_table(rows, ("computation", "seconds", "compile s"))
     if args.json:
         C.write_json(args.json, out)
@@ -67,7 +80,8 @@ def build_parser():
     p.add_argument("--patients", type=int, default=32, help="virtual patients per arm (default 32)")
     p.add_argument("--horizon-days", type=float, default=372.0, help="simulated days per arm (default 372)")
     p.add_argument("--max-arms", type=int, default=None, help="only the first N fitted arms")
-    p.add_argument("--repeats", type=int, default=1, help="timed calls after the compiling one (default 1)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed calls after the compiling one (default 1; 0: report the compiling call alone)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     return p
 
