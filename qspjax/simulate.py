@@ -199,9 +199,12 @@ def _integrate_segment(model: QSPModel, system: _FlatSystem, z0, t0, t1, dt0, gr
         saved = jnp.where(inside[:, None], z_grid, saved)
         y_end = model.apply_extinction(system.unravel(z_end * system.scale))
         z_end = ravel_pytree(y_end)[0] / system.scale
-        # Running out of steps is not a failure while solves remain: the next one continues.
+        # Running out of steps is not a failure while solves remain: the next one continues,
+        # unless this solve spent its whole budget without advancing (a step size collapsed to
+        # nothing: further solves would only repeat it, at max_steps each).
         out_of_steps = sol.result == dfx.RESULTS.max_steps_reached
-        piece_status = jnp.where(out_of_steps, STATUS_OK, _status_of(sol.result))
+        stalled = (t_end - t_start) <= 1e-9 * jnp.maximum(t1 - t0, 1.0)
+        piece_status = jnp.where(out_of_steps & ~stalled, STATUS_OK, _status_of(sol.result))
         status = jnp.where(status == STATUS_OK, piece_status, status)
         n_accepted = sol.stats["num_accepted_steps"]
         # The continuation starts with this solve's mean accepted step, not a fresh search.
