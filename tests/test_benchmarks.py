@@ -62,3 +62,20 @@ def test_inference_script_reports_ess_per_second(tmp_path):
     assert res["sampling_seconds"] > 0 and res["leapfrog_steps_of_draws"] >= 20
     for v in res["parameters"].values():
         assert v["ess_bulk"] > 0 and v["ess_bulk_per_second"] == v["ess_bulk"] / res["sampling_seconds"]
+
+
+def test_objective_script_times_the_run_files_objective(tmp_path):
+    from benchmarks import objective
+
+    out = tmp_path / "o.json"
+    res = objective.main(objective.build_parser().parse_args(
+        ["--patients", "2", "--horizon-days", "30", "--max-arms", "1", "--repeats", "1", "--json", str(out)]))
+    doc = json.loads(out.read_text())  # strict JSON: a NaN or an infinity would not parse back equal
+    assert doc["arms"] == 1 and doc["patients"] == 2 and doc["solver"] == "rodas5p"
+    for name in ("forward", "value_and_grad"):
+        assert doc[name]["seconds"] > 0 and doc[name]["compile_seconds"] >= 0
+    assert doc["value_and_grad"]["gradient_finite"]
+    # the value of the value-and-gradient is the forward log posterior
+    assert doc["value_and_grad"]["value"] == pytest.approx(doc["forward"]["value"], rel=1e-10)
+    assert res["ratio_gradient_to_forward"] == pytest.approx(
+        doc["value_and_grad"]["seconds"] / doc["forward"]["seconds"])
