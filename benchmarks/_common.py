@@ -86,6 +86,25 @@ class Timer:
         self.seconds = time.perf_counter() - self.t0
 
 
+def time_compiled(fn, *args, repeats: int = 2):
+    """Call the jitted ``fn(*args)`` once (compilation plus one evaluation), then ``repeats`` more
+    times. Returns the last value and ``{"seconds", "first_call_seconds", "compile_seconds"}``: the
+    fastest later call, the first call, and their difference (``repeats`` 0: the first call's time
+    and no compile figure)."""
+    with Timer() as first:
+        value = block(fn(*args))
+    runs = []
+    for _ in range(repeats):
+        with Timer() as t:
+            value = block(fn(*args))
+        runs.append(t.seconds)
+    if not runs:
+        return value, {"seconds": first.seconds, "first_call_seconds": first.seconds, "compile_seconds": None}
+    seconds = float(min(runs))
+    return value, {"seconds": seconds, "first_call_seconds": first.seconds,
+                   "compile_seconds": max(first.seconds - seconds, 0.0)}
+
+
 def peak_rss_mib() -> float:
     """High-water mark of this process's resident memory (MiB; Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -60,14 +60,8 @@ def main(args):
     out = {"machine": C.machine(), "n": args.n, "days": args.days, "rtol": args.rtol, "atol": args.atol,
            "n_population_params": n_params}
     for name, fn in (("forward", forward), ("gradient", gradient)):
-        with C.Timer() as first:
-            C.block(fn(pop))
-        times = []
-        for _ in range(args.repeats):
-            with C.Timer() as t:
-                value = C.block(fn(pop))
-            times.append(t.seconds)
-        out[name] = {"seconds": float(min(times)), "compile_seconds": max(first.seconds - min(times), 0.0)}
+        value, record = C.time_compiled(fn, pop, repeats=args.repeats)
+        out[name] = {k: record[k] for k in ("seconds", "compile_seconds")}
     value, grad = value
     flat = np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(grad)])
     out["objective"] = float(value)

@@ -37,30 +37,19 @@ def main(args) -> dict:
     for name, fn in (("forward", problem.log_posterior), ("value_and_grad", problem.value_and_grad)):
         start = time.perf_counter()
         try:
-            value = C.block(fn(theta))
+            value, out[name] = C.time_compiled(fn, theta, repeats=args.repeats)
         except Exception as exc:  # e.g. XLA's RESOURCE_EXHAUSTED: recorded as the measurement's outcome
             out[name] = {"failed": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
                          "seconds_until_failure": time.perf_counter() - start}
             print(f"{name}: failed after {out[name]['seconds_until_failure']:.0f} s: {out[name]['failed']}", flush=True)
             continue
-        first = time.perf_counter() - start
-        runs = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            value = C.block(fn(theta))
-            runs.append(time.perf_counter() - start)
-        if runs:
-            seconds = float(np.min(runs))
-            out[name] = {"seconds": seconds, "first_call_seconds": first, "compile_seconds": max(first - seconds, 0.0)}
-        else:  # --repeats 0: only the compiling call, which includes one evaluation
-            out[name] = {"seconds": first, "first_call_seconds": first, "compile_seconds": None}
         if name == "value_and_grad":
             grad = np.asarray(value[1])
             out[name]["gradient_finite"] = bool(np.all(np.isfinite(grad)))
             out[name]["value"] = float(value[0])
         else:
             out[name]["value"] = float(value)
-        print(f"{name}: {out[name]['seconds']:.2f} s (first call {first:.1f} s)", flush=True)
+        print(f"{name}: {out[name]['seconds']:.2f} s (first call {out[name]['first_call_seconds']:.1f} s)", flush=True)
     done = [k for k in ("forward", "value_and_grad") if "seconds" in out[k]]
     if len(done) == 2:
         out["ratio_gradient_to_forward"] = out["value_and_grad"]["seconds"] / out["forward"]["seconds"]
