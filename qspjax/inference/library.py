@@ -305,7 +305,8 @@ def simulate_patients(template: Problem, candidates: dict, n: int, simulator: st
         if progress is not None:
             progress(f"treated {start + m}/{n}")
     res = {k: np.concatenate(v) for k, v in out.items()}
-    # failed patients' probabilities are placeholders (never weighted); keep them finite on disk
+    # a patient that failed to solve has no outcome: the `usable` mask gives it zero weight in every
+    # arm, and its non-finite probabilities are stored as 0 so the arm file stays finite
     res["response"] = np.where(np.isfinite(res["response"]), res["response"], 0.0)
     res["pfs"] = np.where(np.isfinite(res["pfs"]), res["pfs"], 0.0)
     res["plausible"] = np.ones(n, bool)
