@@ -49,11 +49,11 @@ def take(tree, idx):
 
 
 def join_processes(args, argv: list[str] | None, script: str) -> int | None:
-    """The multi-process flags of a benchmark (``qspjax.distributed.add_arguments``): with
+    """The multi-process flags of a benchmark (``qspjax.solver.distributed.add_arguments``): with
     ``--local-processes K``, run ``script`` with ``argv`` (default ``sys.argv[1:]``) again as K
     processes of this machine and return their exit status; otherwise join the run the flags name,
     if any, and return ``None``."""
-    from qspjax import distributed
+    from qspjax.solver import distributed
 
     args.argv = list(sys.argv[1:] if argv is None else argv)
     status = distributed.relaunch_locally(args, [sys.executable, str(Path(script).resolve())])

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from qspjax.params import load_parameters
     from qspjax.regimen import parse_regimen
     from qspjax.runner import run_cohort, status_counts
-    from qspjax.simulate import STATUS_OK
+    from qspjax.solver.simulate import STATUS_OK
     from qspjax.vpop import target_from_arm
 
     opts = argparse.ArgumentParser()

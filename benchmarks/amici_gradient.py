@@ -80,7 +80,7 @@ def qspjax_problem(problem_dir: Path, all_days: np.ndarray | None = None):
     from qspjax.model.composer import QSPModel
     from qspjax.params import load_parameters
     from qspjax.regimen import compile_schedule, load_regimen
-    from qspjax.simulate import SolverConfig, simulate_patient
+    from qspjax.solver.simulate import SolverConfig, simulate_patient
 
     params = load_parameters()
     base = dict(params.model_values())

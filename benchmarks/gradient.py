@@ -34,7 +34,7 @@ def main(args):
 
     from qspjax.model.cancer import diameter_from_volume
     from qspjax.regimen import compile_schedule
-    from qspjax.simulate import SolverConfig, simulate_batch
+    from qspjax.solver.simulate import SolverConfig, simulate_batch
     from qspjax.vpop import baseline, build_models, draw, load_population, patient_values, population_params
 
     config = SolverConfig(rtol=args.rtol, atol=args.atol)

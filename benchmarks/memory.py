@@ -30,7 +30,7 @@ def main(args, argv: list[str] | None = None):
     import jax
     from tqdm import tqdm
 
-    from qspjax import distributed
+    from qspjax.solver import distributed
 
     status = C.join_processes(args, argv, __file__)
     if status is not None:
@@ -38,7 +38,7 @@ def main(args, argv: list[str] | None = None):
 
     from qspjax.params import load_parameters
     from qspjax.regimen import compile_schedule
-    from qspjax.simulate import SolverConfig, simulate_batch
+    from qspjax.solver.simulate import SolverConfig, simulate_batch
     from qspjax.vpop import make_cohort
 
     config = SolverConfig(rtol=args.rtol, atol=args.atol)
@@ -98,7 +98,7 @@ def build_parser():
     p.add_argument("--atol", type=float, default=1e-9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results to this JSON file")
-    from qspjax.distributed import add_arguments
+    from qspjax.solver.distributed import add_arguments
 
     add_arguments(p)  # --local-processes K: K processes of this machine, each chunk split between them
     return p

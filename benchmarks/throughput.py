@@ -6,11 +6,13 @@ with nivolumab 240 mg every 2 weeks plus SBRT 5 x 8 Gy on days 0-4 to the index 
 the same tolerances (rtol on every state divided by its typical magnitude, atol on that scaled
 state):
 
-* qspjax: ``qspjax.simulate.simulate_batch`` (diffrax Kvaerno5, ``vmap`` over a chunk of patients,
-  events in a ``lax.scan``); compilation is timed apart from the solves;
+* qspjax: ``qspjax.solver.simulate.simulate_batch`` (Rodas5P with the compiled sparse LU; by default
+  the lane queue of ``qspjax.solver.queue``: ``--lanes`` patients step together and a lane whose
+  patient is done takes the next of the chunk; ``--batching lockstep`` for ``vmap`` over the chunk);
+  compilation is timed apart from the solves;
 * SciPy: ``scipy.integrate.solve_ivp(method="LSODA")`` one patient after another on the same
-  flat scaled vector field (``qspjax.simulate._flat_system``) with a jitted right-hand side and
-  Jacobian, the treatment jumps applied between segments by ``qspjax.simulate.apply_events`` (as
+  flat scaled vector field (``qspjax.solver.simulate._flat_system``) with a jitted right-hand side and
+  Jacobian, the treatment jumps applied between segments by ``qspjax.solver.simulate.apply_events`` (as
   ``tests/test_simulate.py`` does) and lesion extinction as a terminal root-found event;
 * libRoadRunner: the SBML export (``qspjax.interop.sbml``) loaded once, then per patient its parameters
   and initial state set and CVODE (BDF) run, with per-state absolute tolerances atol * typical.
@@ -36,7 +38,7 @@ from tqdm import tqdm  # progress on stderr; the table goes to stdout
 
 
 def _qspjax(cohort, schedule, config, chunk: int):
-    from qspjax.simulate import simulate_batch
+    from qspjax.solver.simulate import simulate_batch
 
     n = int(cohort.status.shape[0])
     chunk = min(chunk, n)
@@ -77,7 +79,7 @@ def _scipy_loop(cohort, schedule, config, patients):
     from jax.flatten_util import ravel_pytree
     from scipy.integrate import solve_ivp
 
-    from qspjax.simulate import _flat_system, apply_events
+    from qspjax.solver.simulate import _flat_system, apply_events
 
     like = C.take(cohort.y0, 0)
 
@@ -143,7 +145,7 @@ def _roadrunner_loop(cohort, schedule, config, patients, days: float):
     import roadrunner
 
     from qspjax.interop import sbml
-    from qspjax.simulate import apply_events
+    from qspjax.solver.simulate import apply_events
 
     roadrunner.Logger.setLevel(roadrunner.Logger.LOG_ERROR)  # CVODE's step-size notes at event times
     model0, y0 = C.take(cohort.model, 0), C.take(cohort.y0, 0)
@@ -176,7 +178,7 @@ def _roadrunner_loop(cohort, schedule, config, patients, days: float):
         for i in tqdm(patients, desc="libRoadRunner", unit="patient"):
             # reset() restores the exported (first) patient and fires its day-0 treatment event;
             # this patient's parameters and its state *after* the day-0 jumps (the same jump map,
-            # applied by qspjax.simulate.apply_events) are then set as current values. Setting
+            # applied by qspjax.solver.simulate.apply_events) are then set as current values. Setting
             # ``init(...)`` values instead and resetting made CVODE fail at once whenever per-state
             # absolute tolerances were in use (measured: CV_CONV_FAILURE at t ~ 3e-5 day for the
             # very values of the export), and hang after re-applying the tolerances.
@@ -206,15 +208,16 @@ def _agreement(ours, theirs):
 def main(args, argv: list[str] | None = None):
     """Run the benchmark; ``argv`` (default ``sys.argv[1:]``) is the command line that
     ``--local-processes`` starts again in each process."""
-    from qspjax import distributed
+    from qspjax.solver import distributed
     from qspjax.regimen import compile_schedule
-    from qspjax.simulate import SolverConfig
+    from qspjax.solver.simulate import SolverConfig
 
     status = C.join_processes(args, argv, __file__)
     if status is not None:  # --local-processes: the run happened in the processes it started
         return status
 
-    config = SolverConfig(solver=args.solver, rtol=args.rtol, atol=args.atol, sparse_jacobian=not args.dense_jacobian)
+    config = SolverConfig(solver=args.solver, rtol=args.rtol, atol=args.atol, sparse_jacobian=not args.dense_jacobian,
+                          batching=args.batching, lanes=args.lanes)
     with C.Timer() as grow:
         _, cohort = C.cohort(args.n, args.seed, config)
     schedule = compile_schedule(C.benchmark_regimen(args.days), ("nivolumab",), np.arange(0.0, args.days + 1.0),
@@ -230,11 +233,14 @@ def main(args, argv: list[str] | None = None):
     ours["patients_per_second_per_core"] = ours["patients_per_second"] / ours["processes"]
     ref_n = min(args.reference_n, args.n)
     patients = list(range(ref_n))
-    result = {"machine": C.machine(), "n": args.n, "days": args.days, "rtol": args.rtol, "atol": args.atol,
+    from qspjax.io import provenance
+
+    result = {"machine": C.machine(), "run": provenance(vars(args), args.seed), "n": args.n, "days": args.days, "rtol": args.rtol, "atol": args.atol,
               "reference_n": ref_n, "cohort_growth_seconds": grow.seconds, "sparse_jacobian": config.sparse_jacobian,
               "solver": config.solver,
               "qspjax": {k: v for k, v in ours.items() if k != "final_diameter_cm"}}
-    rows = [("qspjax (vmap, chunk %d, %d process%s)" % (ours["chunk"], ours["processes"],
+    ours["batching"], ours["lanes"] = args.batching, args.lanes
+    rows = [("qspjax (%s, chunk %d, %d process%s)" % (args.batching, ours["chunk"], ours["processes"],
                                                      "es" if ours["processes"] > 1 else ""), args.n, f"{ours['seconds']:.2f}",
              f"{ours['patients_per_second']:.3g}", "1", "-", f"{ours['compile_seconds']:.1f} compile")]
     if not args.skip_scipy:
@@ -281,7 +287,7 @@ def profile(cohort, config, chunk: int) -> dict:
     import jax.numpy as jnp
     from jax.flatten_util import ravel_pytree
 
-    from qspjax.simulate import _flat_system
+    from qspjax.solver.simulate import _flat_system
 
     n = int(cohort.status.shape[0])
     idx = np.arange(min(chunk, n))
@@ -312,7 +318,11 @@ def build_parser():
     p.add_argument("--n", type=int, default=100, help="cohort size solved by qspjax (default 100)")
     p.add_argument("--reference-n", type=int, default=10, help="patients solved by each reference loop (default 10)")
     p.add_argument("--days", type=float, default=400.0, help="treatment horizon in days (default 400)")
-    p.add_argument("--chunk", type=int, default=50, help="patients per compiled qspjax batch (default 50)")
+    p.add_argument("--chunk", type=int, default=256, help="patients per qspjax call (default 256)")
+    p.add_argument("--batching", default="auto", choices=("auto", "queue", "lockstep"),
+                   help="qspjax's batch solver (SolverConfig.batching; auto = the lane queue here)")
+    p.add_argument("--lanes", type=int, default=None,
+                   help="patients stepped together by the lane queue (default: SolverConfig's, 32 on a CPU, the chunk on a GPU)")
     p.add_argument("--rtol", type=float, default=1e-6)
     p.add_argument("--atol", type=float, default=1e-9)
     p.add_argument("--seed", type=int, default=0)
@@ -326,7 +336,7 @@ def build_parser():
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     # --local-processes K: qspjax's part as K cooperating processes of this machine, one CPU device
     # (about one core) each, every chunk split between them; the reference loops run in process 0.
-    from qspjax.distributed import add_arguments
+    from qspjax.solver.distributed import add_arguments
 
     add_arguments(p)
     return p

@@ -32,8 +32,8 @@ _EXPORTS = {
     "load_population": "qspjax.vpop", "PopulationSpec": "qspjax.vpop",
     "load_regimen": "qspjax.regimen", "parse_regimen": "qspjax.regimen", "compile_schedule": "qspjax.regimen",
     # the model and its solver
-    "QSPModel": "qspjax.model", "SolverConfig": "qspjax.simulate", "simulate_patient": "qspjax.simulate",
-    "simulate_batch": "qspjax.simulate", "grow_to_baseline": "qspjax.simulate",
+    "QSPModel": "qspjax.model", "SolverConfig": "qspjax.solver.simulate", "simulate_patient": "qspjax.solver.simulate",
+    "simulate_batch": "qspjax.solver.simulate", "grow_to_baseline": "qspjax.solver.simulate",
     # cohorts and virtual trials
     "build_population": "qspjax.runner", "treat_population": "qspjax.runner", "run_cohort": "qspjax.runner",
     "Assessment": "qspjax.virtual_trial", "evaluate": "qspjax.virtual_trial",

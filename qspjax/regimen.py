@@ -288,7 +288,7 @@ class Schedule(eqx.Module):
 
     @property
     def events(self) -> tuple:
-        """The jump-map rows in the order :func:`qspjax.simulate.apply_events` takes them:
+        """The jump-map rows in the order :func:`qspjax.solver.simulate.apply_events` takes them:
         (dose_mg, dose_mg_per_kg, rt_dose_gy, rt_sbrt, chemo_kill, surgery), each with the
         timeline axis first."""
         return (self.dose_mg, self.dose_mg_per_kg, self.rt_dose_gy, self.rt_sbrt, self.chemo_kill, self.surgery)

@@ -18,7 +18,7 @@ from qspjax.model.composer import QSPModel
 from qspjax.model.reference import SIMBIOLOGY_COLUMNS, simbiology_columns, state_from_species
 from qspjax.params import ParameterSet
 from qspjax.regimen import Regimen, compile_schedule, timeline_points
-from qspjax.simulate import STATUS_NAMES, STATUS_OK, SolverConfig, simulate_batch
+from qspjax.solver.simulate import STATUS_NAMES, STATUS_OK, SolverConfig, simulate_batch
 from qspjax.vpop import (PLAUSIBILITY_REASONS, BaselineTarget, Cohort, PopulationSpec, build_models,
                          load_population, make_cohort, matched_spec, plausibility_reasons)
 

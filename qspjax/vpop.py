@@ -3,7 +3,7 @@
 Population parameters (medians and spreads on an unconstrained scale) form a pytree that
 calibration differentiates through; the standard-normal draws are fixed per seed (common random
 numbers), so a cohort is a smooth function of them. Baseline tumors are grown from a seed to each
-patient's baseline diameter by the untreated model (``qspjax.simulate.grow_to_baseline``).
+patient's baseline diameter by the untreated model (``qspjax.solver.simulate.grow_to_baseline``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from qspjax.errors import QSPValidationError
 from qspjax.model.composer import QSPModel, module_param_specs
 from qspjax.model.reference import state_from_species
 from qspjax.params import PARAMS_DIR, ParameterSet
-from qspjax.simulate import SolverConfig, grow_to_baseline, untreated_seed_state
+from qspjax.solver.simulate import SolverConfig, grow_to_baseline, untreated_seed_state
 
 DEFAULT_POPULATION_FILE = PARAMS_DIR / "population.yaml"
 TPS_CLASSES = ("lt1", "1to49", "ge50")
@@ -332,9 +332,9 @@ def grow_cohort(models: QSPModel, params: ParameterSet, diameter_cm, second_rati
     """Pre-treatment growth of every patient of a batched model to its baseline diameter.
 
     In a ``jax.distributed`` run each process grows its share of the patients and all get the
-    whole cohort back (:func:`qspjax.simulate.over_processes`), instead of each growing all.
+    whole cohort back (:func:`qspjax.solver.simulate.over_processes`), instead of each growing all.
     """
-    from qspjax.simulate import over_processes
+    from qspjax.solver.simulate import over_processes
 
     species = params.initial_state
     return over_processes(lambda m, d, r: _grow_jit(m, species, d, r, config), (models, diameter_cm, second_ratio))
@@ -387,7 +387,7 @@ def _baseline_growth_rate_jit(models, y0, fn):
 
 def plausibility_reasons(cohort: Cohort, rule: Plausibility) -> np.ndarray:
     """Why each patient is implausible: an index into ``PLAUSIBILITY_REASONS``, or -1 if kept."""
-    from qspjax.simulate import STATUS_OK
+    from qspjax.solver.simulate import STATUS_OK
 
     read = baseline_readouts(cohort)
     reason = np.full(len(read["growth_days"]), -1)

@@ -18,7 +18,7 @@ def test_every_exported_name_resolves_and_unknown_names_raise(module):
 
 def test_flat_names_are_the_implementations():
     from qspjax.runner import run_cohort
-    from qspjax.simulate import SolverConfig
+    from qspjax.solver.simulate import SolverConfig
 
     assert qspjax.run_cohort is run_cohort and qspjax.SolverConfig is SolverConfig
     assert qspjax.analysis.sobol_indices.__module__ == "qspjax.analysis.sensitivity"

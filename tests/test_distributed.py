@@ -24,13 +24,13 @@ _SCRIPT = r"""
 import json, sys
 import numpy as np
 import qspjax
-from qspjax.distributed import initialize
+from qspjax.solver.distributed import initialize
 initialize(sys.argv[1], 2, int(sys.argv[2]))
 import jax
 from qspjax.params import load_parameters
 from qspjax.model.reference import state_from_species
 from qspjax.regimen import compile_schedule, parse_regimen
-from qspjax.simulate import SolverConfig, simulate_batch
+from qspjax.solver.simulate import SolverConfig, simulate_batch
 from qspjax.vpop import build_models
 
 p = load_parameters()
@@ -51,7 +51,7 @@ if jax.process_index() == 0:
 # Work that cannot run under shard_map (the pre-treatment growth) is split between processes:
 # 3 patients, padded to 4, 2 each; a cheap function stands in for the growth solve.
 import jax.numpy as jnp
-from qspjax.simulate import over_processes
+from qspjax.solver.simulate import over_processes
 per_patient = lambda g, d: {"x": g * jnp.sin(d), "p": jnp.full(d.shape, jax.process_index())}
 split = over_processes(per_patient, (growth[:3], np.array([1.0, 2.0, 3.0])))
 out["split_x"] = np.asarray(split["x"]).tolist()
@@ -93,7 +93,7 @@ def test_two_processes_give_the_same_trajectories_as_one_device():
 
 
 def test_multi_process_flags_come_together():
-    from qspjax.distributed import initialize
+    from qspjax.solver.distributed import initialize
 
     with pytest.raises(QSPValidationError, match="give all three"):
         initialize("localhost:1234", 2, None)
@@ -104,7 +104,7 @@ def test_multi_process_flags_come_together():
 def test_launch_local_starts_cooperating_processes_and_stops_them_when_one_fails(capfd):
     import time
 
-    from qspjax.distributed import launch_local
+    from qspjax.solver.distributed import launch_local
 
     # argv[0]: process 1's exit status; process 2 waits (as it would for a failed peer in a collective)
     show = ("import sys, time; a = sys.argv[1:]; pid = int(a[a.index('--process-id') + 1]);"
@@ -126,7 +126,7 @@ def test_launch_local_starts_cooperating_processes_and_stops_them_when_one_fails
 
 
 def test_local_processes_flag_runs_the_same_command_line_again(monkeypatch, tmp_path):
-    import qspjax.distributed as dist
+    import qspjax.solver.distributed as dist
     from qspjax.cli import main
 
     calls = []

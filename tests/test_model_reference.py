@@ -12,7 +12,7 @@ import pytest
 
 from qspjax.model.reference import QSS_SPECIES, SPECIES_TO_STATE, SYNAPSE_SPECIES, simbiology_columns
 from qspjax.regimen import compile_schedule, parse_regimen
-from qspjax.simulate import STATUS_OK, SolverConfig, simulate_patient
+from qspjax.solver.simulate import STATUS_OK, SolverConfig, simulate_patient
 from qspjax.units import AVOGADRO, conversion_factor
 
 from conftest import REFERENCE

@@ -18,7 +18,7 @@ from qspjax.model.radiotherapy import Radiotherapy
 from qspjax.model.reference import state_from_species
 from qspjax.params import CONFIG_DIR, load_parameter_file, load_parameters
 from qspjax.regimen import compile_schedule, parse_regimen
-from qspjax.simulate import STATUS_OK, SolverConfig, simulate_patient
+from qspjax.solver.simulate import STATUS_OK, SolverConfig, simulate_patient
 
 D_T = 6.2  # Gy, Park et al. 2008 (the literature value documented in radiotherapy.yaml)
 AB_TISSUE = 1e-7  # mol/L of antibody in lesion and lymph node (~15 ug/mL, a trough level)

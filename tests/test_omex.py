@@ -91,7 +91,7 @@ def test_the_archive_run_in_roadrunner_matches_qspjax_on_every_observable(archiv
 
     from qspjax.interop import sbml
     from qspjax.regimen import compile_schedule, load_regimen
-    from qspjax.simulate import STATUS_OK, SolverConfig, simulate_patient
+    from qspjax.solver.simulate import STATUS_OK, SolverConfig, simulate_patient
 
     days = 30.0
     got = omex.simulate_omex(archive[0], until=days)

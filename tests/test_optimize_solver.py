@@ -24,7 +24,7 @@ def cohort():
     from qspjax.commands._model_options import CALIBRATED_PARAMS, CALIBRATED_POPULATION
     from qspjax.params import load_parameters
     from qspjax.runner import build_population
-    from qspjax.simulate import SolverConfig
+    from qspjax.solver.simulate import SolverConfig
     from qspjax.vpop import load_population
 
     config = SolverConfig(rtol=1e-7, atol=1e-10)

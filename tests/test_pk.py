@@ -12,7 +12,7 @@ from qspjax.model.pk import KNOWN_DRUGS
 from qspjax.model.reference import state_from_species
 from qspjax.params import PARAMS_DIR, load_parameters
 from qspjax.regimen import compile_schedule, parse_regimen
-from qspjax.simulate import STATUS_OK, SolverConfig, simulate_patient
+from qspjax.solver.simulate import STATUS_OK, SolverConfig, simulate_patient
 
 
 @pytest.fixture(scope="module")

@@ -198,7 +198,7 @@ def two_lesion_patient(params):
 
 @pytest.mark.slow  # one compilation of the all-drug two-lesion simulator (~30-50 s on 2 cores)
 def test_generated_regimens_simulate_to_finite_non_negative_states_without_recompiling(two_lesion_patient):
-    from qspjax import simulate as sim
+    from qspjax.solver import simulate as sim
 
     models, y0, scales = two_lesion_patient
     sizes = []
@@ -213,7 +213,7 @@ def test_generated_regimens_simulate_to_finite_non_negative_states_without_recom
         assume(reg.ici or reg.rt or reg.chemo)
         schedule = compile_schedule(reg, KNOWN_DRUGS, SIM_GRID, n_lesions=2, n_points=SIM_POINTS)
         traj = sim.simulate_batch(models, y0, schedule, config)
-        sizes.append(sim._simulate_batch_jit._cached._cache_size())
+        sizes.append(sim._simulate_queue_jit._cached._cache_size())  # concrete inputs: the lane queue
         assert int(traj.status[0]) == sim.STATUS_OK, doc
         for name, value in traj.ys.items():
             v = np.asarray(value)

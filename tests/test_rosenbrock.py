@@ -1,4 +1,4 @@
-"""Rodas4 and Rodas5P (qspjax.rosenbrock) on problems with known or independently computed solutions."""
+"""Rodas4 and Rodas5P (qspjax.solver.rosenbrock) on problems with known or independently computed solutions."""
 
 import diffrax as dfx
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
 
-from qspjax.rosenbrock import Rodas4, Rodas5P
+from qspjax.solver.rosenbrock import Rodas4, Rodas5P
 
 
 def robertson(t, y, args):
@@ -120,7 +120,7 @@ def test_zero_length_step_is_finite():
 def _overshooting_solve(k, closed_over: bool):
     """dy/dt = -k y^1.5 from y = 1 with a first step of 1 day: the trial step overshoots to y < 0,
     where y^1.5 is NaN, and is rejected; y(T) = (1 + k T / 2)^-2."""
-    from qspjax.rosenbrock import finite_cotangents
+    from qspjax.solver.rosenbrock import finite_cotangents
 
     if closed_over:  # the parameter reaches the rates as a closed-over array, as the QSP model does
         field = lambda t, y, args: -finite_cotangents(k) * y**1.5

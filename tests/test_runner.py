@@ -23,7 +23,7 @@ from qspjax import outcomes as oc
 from qspjax.cli import main
 from qspjax.model.reference import state_from_species
 from qspjax.regimen import compile_schedule, load_regimen
-from qspjax.simulate import STATUS_NAMES, STATUS_OK, SolverConfig, simulate_batch
+from qspjax.solver.simulate import STATUS_NAMES, STATUS_OK, SolverConfig, simulate_batch
 from qspjax.vpop import build_models, draw, load_population
 
 from conftest import REPO

@@ -10,7 +10,7 @@ roadrunner = pytest.importorskip("roadrunner")
 
 from qspjax.interop import sbml  # noqa: E402
 from qspjax.regimen import compile_schedule, parse_regimen  # noqa: E402
-from qspjax.simulate import STATUS_OK, SolverConfig, simulate_patient  # noqa: E402
+from qspjax.solver.simulate import STATUS_OK, SolverConfig, simulate_patient  # noqa: E402
 
 OUTPUT_DAYS = np.array([0.0, 0.5, 2.0, 7.0, 13.5, 14.5, 21.0, 30.0])
 COMPARED = ("C1", "C_x", "C_doomed", "T1_T", "T0_T", "T1_C", "T1_LN", "ab_C", "ab_T", "mAPC_LN", "M1p1_s",

@@ -7,17 +7,18 @@ import numpy as np
 import pytest
 
 from qspjax.regimen import compile_schedule, parse_regimen
-from qspjax.simulate import STATUS_OK, SolverConfig, simulate_batch
+from qspjax.solver.simulate import STATUS_OK, SolverConfig, simulate_batch
 
 
 def test_a_segment_that_outgrows_max_steps_is_continued_to_the_same_solution(reference_model, reference_state):
     models = jax.tree_util.tree_map(lambda x: x[None], reference_model)
     y0 = jax.tree_util.tree_map(lambda x: x[None], reference_state)
     sched = compile_schedule(parse_regimen({"name": "none"}), ("nivolumab",), np.array([0.0, 5.0, 10.0]), 1)
-    whole = simulate_batch(models, y0, sched, SolverConfig(max_steps=4096))
+    # The continuation of a spent diffrax solve belongs to the lock-step (vmap) path.
+    whole = simulate_batch(models, y0, sched, SolverConfig(max_steps=4096, batching="lockstep"))
     steps = int(whole.num_steps[0])
     budget = max(4, steps // 3)  # a third of what the 10 days need: three continuations at least
-    cut = simulate_batch(models, y0, sched, SolverConfig(max_steps=budget, max_restarts=6))
+    cut = simulate_batch(models, y0, sched, SolverConfig(max_steps=budget, max_restarts=6, batching="lockstep"))
     assert int(whole.status[0]) == STATUS_OK and int(cut.status[0]) == STATUS_OK
     assert int(cut.num_steps[0]) > budget  # one solve cannot exceed its budget: it was continued
     for k in ("C1", "T1_T", "ab_C"):

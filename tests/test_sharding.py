@@ -20,7 +20,7 @@ import qspjax
 from qspjax.params import load_parameters
 from qspjax.model.reference import state_from_species
 from qspjax.regimen import compile_schedule, parse_regimen
-from qspjax.simulate import SolverConfig, simulate_batch
+from qspjax.solver.simulate import SolverConfig, simulate_batch
 from qspjax.vpop import build_models
 
 assert jax.local_device_count() == 2, jax.devices()

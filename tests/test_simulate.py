@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,7 @@ from jax.flatten_util import ravel_pytree
 from scipy.integrate import solve_ivp
 
 from qspjax.regimen import compile_schedule, parse_regimen
-from qspjax.simulate import (STATUS_OK, SolverConfig, _flat_system, apply_events, simulate_batch,
+from qspjax.solver.simulate import (STATUS_OK, SolverConfig, _flat_system, apply_events, simulate_batch,
                              simulate_patient)
 from qspjax.vpop import build_models
 
@@ -72,12 +74,26 @@ def _scipy_solve(model, y0, schedule):
     return [out[float(g)] for g in grid]
 
 
-def test_matches_scipy_radau_for_several_patients(two_lesion_patients):
+# Both batch solvers on the same patients: the lane queue (3 patients on 2 lanes, so that one lane
+# takes a second patient after its first) and lock-step vmap.
+_BATCHINGS = {"queue": ("queue", 2), "lockstep": ("lockstep", None)}
+
+
+@pytest.fixture(scope="module")
+def tight_solutions(two_lesion_patients):
     models, y0 = two_lesion_patients
     # Output days between and on event days (0, 1, 2.5, 3.5 and 5 are event days).
     schedule = compile_schedule(_regimen(), ("nivolumab",), np.array([0.0, 0.75, 1.0, 2.0, 3.5, 4.25, 6.0]),
                                 n_lesions=2)
-    traj = simulate_batch(models, y0, schedule, TIGHT)
+    return schedule, {name: simulate_batch(models, y0, schedule, dataclasses.replace(TIGHT, batching=b, lanes=lanes))
+                      for name, (b, lanes) in _BATCHINGS.items()}
+
+
+@pytest.mark.parametrize("batching", ["queue", "lockstep"])
+def test_matches_scipy_radau_for_several_patients(two_lesion_patients, tight_solutions, batching):
+    models, y0 = two_lesion_patients
+    schedule, solutions = tight_solutions
+    traj = solutions[batching]
     assert np.all(np.asarray(traj.status) == STATUS_OK)
     for i in range(2):
         model = jax.tree_util.tree_map(lambda x: x[i], models)
@@ -94,6 +110,43 @@ def test_matches_scipy_radau_for_several_patients(two_lesion_patients):
                 # non-negative projection keeps the positive half of round-off-level excursions)
                 scale = np.maximum(np.abs(want), 1e-7 * np.asarray(typical[name]))
                 assert np.all(np.abs(ours - want) <= 1e-5 * scale), (i, k, name)
+
+
+def test_queue_refills_lanes_and_agrees_with_lockstep(tight_solutions):
+    _, solutions = tight_solutions
+    queue, lock = solutions["queue"], solutions["lockstep"]
+    for traj in (queue, lock):
+        assert np.all(np.asarray(traj.status) == STATUS_OK)
+    for name in queue.ys:
+        a, c = np.asarray(queue.ys[name]), np.asarray(lock.ys[name])
+        # The same method and controller: at rtol 1e-10 the two paths agree far inside 1e-6 (a
+        # refilled lane that kept anything of its previous patient would not).
+        np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-6 * np.max(np.abs(c)) + 1e-300, err_msg=name)
+    # Steps differ only by the lock-step path's restarts after extinction: a few per patient.
+    q, l = np.asarray(queue.num_steps), np.asarray(lock.num_steps)
+    assert np.all(np.abs(q - l) <= 0.05 * l + 3), (q, l)
+
+
+def test_queue_isolates_a_failing_patient(params, reference_state):
+    n = 3
+    growth = np.full(n, params.values["k_C1_growth"])
+    growth[1] = np.inf  # this patient cannot be solved
+    models = build_models(params, {"k_C1_growth": jnp.asarray(growth)}, n, ("nivolumab",), 1)
+    y0 = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), reference_state)
+    sched = compile_schedule(parse_regimen({"name": "none"}), ("nivolumab",), np.array([0.0, 0.5]), 1)
+    traj = simulate_batch(models, y0, sched, SolverConfig(batching="queue", lanes=2))
+    status = np.asarray(traj.status)
+    assert status[1] != STATUS_OK and status[0] == STATUS_OK and status[2] == STATUS_OK
+    # The healthy patients are identical (same parameters), whichever lane and neighbour they had.
+    np.testing.assert_array_equal(np.asarray(traj.ys["C1"][0]), np.asarray(traj.ys["C1"][2]))
+    assert np.all(np.isfinite(np.asarray(traj.ys["C1"])[[0, 2]]))
+
+
+def test_solver_config_refuses_unknown_batching():
+    with pytest.raises(ValueError, match="batching 'fast'.*'queue'"):
+        SolverConfig(batching="fast")
+    with pytest.raises(ValueError, match="lanes 0"):
+        SolverConfig(lanes=0)
 
 
 def test_states_stay_non_negative_and_lesions_behave(two_lesion_patients):
@@ -182,7 +235,7 @@ def test_a_batch_of_1000_patients_runs_as_one_call_and_flags_failures(params, re
 
 
 def test_new_regimen_of_the_same_shape_does_not_recompile(reference_model, reference_state):
-    from qspjax import simulate as sim
+    from qspjax.solver import simulate as sim
 
     grid = np.array([0.0, 1.0, 2.0])
     a = compile_schedule(parse_regimen({"name": "a", "ici": [
@@ -193,7 +246,11 @@ def test_new_regimen_of_the_same_shape_does_not_recompile(reference_model, refer
     models = jax.tree_util.tree_map(lambda x: x[None], reference_model)
     y0 = jax.tree_util.tree_map(lambda x: x[None], reference_state)
     sim.simulate_batch(models, y0, a)
-    before = sim._simulate_batch_jit._cached._cache_size()
+    # Concrete inputs run on the lane queue (SolverConfig.batching "auto"), not the vmap path.
+    before = sim._simulate_queue_jit._cached._cache_size()
+    lockstep_before = sim._simulate_batch_jit._cached._cache_size()
+    assert before >= 1
     out = sim.simulate_batch(models, y0, b)
-    assert sim._simulate_batch_jit._cached._cache_size() == before
+    assert sim._simulate_queue_jit._cached._cache_size() == before
+    assert sim._simulate_batch_jit._cached._cache_size() == lockstep_before
     assert float(out.ys["ab_C"][0, 1, 0]) > 0

@@ -1,4 +1,4 @@
-"""The compiled sparse LU (qspjax.sparse_lu) against dense LAPACK, on the model's own matrices."""
+"""The compiled sparse LU (qspjax.solver.sparse_lu) against dense LAPACK, on the model's own matrices."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from qspjax import sparse_lu
-from qspjax.sparse_lu import SparseLU, minimum_degree_order
+from qspjax.solver import sparse_lu
+from qspjax.solver.sparse_lu import SparseLU, minimum_degree_order
 
 pytestmark = pytest.mark.skipif(not sparse_lu.available(), reason="no C++ compiler / XLA FFI headers here")
 
@@ -32,8 +32,8 @@ def model_matrices(params):
     """The two-lesion model's structural pattern and its Jacobian at three states."""
     from qspjax.model import QSPModel
     from qspjax.model.reference import state_from_species
-    from qspjax.simulate import _flat_system
-    from qspjax.sparsity import jacobian_sparsity
+    from qspjax.solver.simulate import _flat_system
+    from qspjax.solver.sparsity import jacobian_sparsity
 
     model = QSPModel.from_values(params.model_values(), drugs=("nivolumab",), n_lesions=2)
     y_ref = state_from_species(model, params.initial_state)
@@ -102,8 +102,8 @@ def test_rodas_with_the_sparse_kernel_matches_lapack(reference_model, reference_
     LAPACK. (Every other solve of the suite runs through the sparse kernel, the default.)"""
     import diffrax as dfx
 
-    from qspjax.rosenbrock import Rodas5P
-    from qspjax.simulate import _flat_system
+    from qspjax.solver.rosenbrock import Rodas5P
+    from qspjax.solver.simulate import _flat_system
 
     y = reference_model.dose(dict(reference_state), 240.0)
     system = _flat_system(reference_model, y)
@@ -119,7 +119,7 @@ def test_rodas_with_the_sparse_kernel_matches_lapack(reference_model, reference_
 
 
 def test_an_unknown_linear_solver_is_refused():
-    from qspjax.rosenbrock import Rodas5P
+    from qspjax.solver.rosenbrock import Rodas5P
 
     with pytest.raises(ValueError, match="linear_solver"):
         Rodas5P(linear_solver="klu")

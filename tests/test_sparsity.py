@@ -1,4 +1,4 @@
-"""Structural Jacobian sparsity (qspjax.sparsity) and the coloured Jacobian Rodas4 uses."""
+"""Structural Jacobian sparsity (qspjax.solver.sparsity) and the coloured Jacobian Rodas4 uses."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from qspjax.sparsity import coloured_jacobian, column_colouring, jacobian_sparsity
+from qspjax.solver.sparsity import coloured_jacobian, column_colouring, jacobian_sparsity
 
 
 def _coloured(f, x):
@@ -107,7 +107,7 @@ def test_model_jacobian_is_exact_and_sparse(params, drugs=("nivolumab", "ipilimu
     dense one. (Every solve of the other tests also runs through the coloured Jacobian.)"""
     from qspjax.model import QSPModel
     from qspjax.model.reference import state_from_species
-    from qspjax.simulate import _flat_system
+    from qspjax.solver.simulate import _flat_system
 
     model = QSPModel.from_values(params.model_values(), drugs=drugs, n_lesions=n_lesions)
     y_ref = state_from_species(model, params.initial_state)
@@ -135,7 +135,7 @@ def test_model_jacobian_is_exact_and_sparse(params, drugs=("nivolumab", "ipilimu
 def test_rodas4_sparse_and_dense_jacobians_give_the_same_solution():
     import diffrax as dfx
 
-    from qspjax.rosenbrock import Rodas4
+    from qspjax.solver.rosenbrock import Rodas4
 
     def robertson(t, y, args):
         a, b, c = y

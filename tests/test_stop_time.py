@@ -47,7 +47,7 @@ def independent(stop_run):
     from qspjax.params import load_parameters
     from qspjax.regimen import load_regimen, parse_regimen
     from qspjax.runner import build_population, treat_population
-    from qspjax.simulate import SolverConfig
+    from qspjax.solver.simulate import SolverConfig
     from qspjax.vpop import load_population
 
     _, summary = stop_run

@@ -46,7 +46,7 @@ from qspjax import outcomes as oc
 from qspjax.errors import QSPValidationError
 from qspjax.model.pk import KNOWN_DRUGS
 from qspjax.regimen import LESIONS, TECHNIQUES, Schedule
-from qspjax.simulate import STATUS_OK, SolverConfig, simulate_patient
+from qspjax.solver.simulate import STATUS_OK, SolverConfig, simulate_patient
 
 # name: (hard minimum, hard maximum, integer by nature, default value when not free)
 NUMERIC_VARIABLES: dict[str, tuple[float, float, bool, float]] = {

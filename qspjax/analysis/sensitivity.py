@@ -859,7 +859,7 @@ class EndpointModel:
         from qspjax.params import load_parameters
         from qspjax.regimen import compile_schedule, timeline_points
         from qspjax.runner import OBSERVABLES
-        from qspjax.simulate import SolverConfig
+        from qspjax.solver.simulate import SolverConfig
         from qspjax.vpop import baseline, draw, load_population, population_params
 
         a = self.analysis = analysis
@@ -973,7 +973,7 @@ class EndpointModel:
         natural units; ``scale`` multiplies named model parameters (local analysis)."""
         from qspjax.model.cancer import diameter_from_volume
         from qspjax.outcomes import soft_best_response_probabilities, soft_cohort_mean, soft_progression_free_probability
-        from qspjax.simulate import STATUS_OK, simulate_batch
+        from qspjax.solver.simulate import STATUS_OK, simulate_batch
         from qspjax.vpop import grow_cohort
 
         a = self.analysis

@@ -34,7 +34,7 @@ import numpy as np
 
 from qspjax.errors import QSPValidationError
 from qspjax.regimen import Regimen, compile_schedule, timeline_points
-from qspjax.simulate import STATUS_OK, SolverConfig, over_devices, per_device, simulate_patient
+from qspjax.solver.simulate import STATUS_OK, SolverConfig, over_devices, per_device, simulate_patient
 
 REASON_NEVER_CONTROLLED = "never controlled under full regimen"
 REASON_NEEDS_LATE_DOSES = "needs doses after the last stop day with enough follow-up before the horizon"

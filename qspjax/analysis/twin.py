@@ -13,7 +13,7 @@ standard-normal deviations ``z`` (:data:`PATIENT_PARAMETERS`, the population fil
 spreads for the four that govern growth, immune kill, T-cell infiltration and radiosensitivity;
 the others stay at the population median), plus the baseline size of the largest lesion
 (population log-normal) and the second lesion's size ratio. A draw is grown untreated to its
-baseline size (:func:`qspjax.simulate.grow_to_baseline`) and treated with the history regimen,
+baseline size (:func:`qspjax.solver.simulate.grow_to_baseline`) and treated with the history regimen,
 solved only up to the last measurement with output at the measurement days, at a looser
 tolerance than trial runs (:data:`FIT_RTOL`).
 
@@ -296,7 +296,7 @@ class QSPTwinSimulator:
     """
 
     def __init__(self, params, spec, drugs: Sequence[str], config=None):
-        from qspjax.simulate import SolverConfig
+        from qspjax.solver.simulate import SolverConfig
         from qspjax.vpop import _lognormal_sd
 
         self.params, self.spec = params, spec
@@ -329,7 +329,7 @@ class QSPTwinSimulator:
     def __call__(self, z, schedule, pdl1_multiplier):
         """(diameters in mm (G, L), ok) for one patient."""
         from qspjax.model.reference import state_from_species
-        from qspjax.simulate import STATUS_OK, grow_to_baseline, simulate_patient, untreated_seed_state
+        from qspjax.solver.simulate import STATUS_OK, grow_to_baseline, simulate_patient, untreated_seed_state
         from qspjax.vpop import build_models
 
         values = {n: jnp.reshape(self.median[n] * jnp.exp(self.sd[n] * z[i]), (1,)) for i, n in enumerate(self.varied)}

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from qspjax.params import CONFIG_DIR, load_parameters
     from qspjax.regimen import load_regimen
     from qspjax.runner import build_population, treat_population
-    from qspjax.simulate import SolverConfig
+    from qspjax.solver.simulate import SolverConfig
     from qspjax.virtual_trial import Assessment, evaluate, load_experiment
     from qspjax.vpop import load_population
 

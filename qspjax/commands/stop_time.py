@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from qspjax.params import load_parameters
     from qspjax.regimen import load_regimen
     from qspjax.runner import build_population
-    from qspjax.simulate import SolverConfig
+    from qspjax.solver.simulate import SolverConfig
     from qspjax.vpop import load_population
 
     regimen = load_regimen(args.regimen)

@@ -26,7 +26,7 @@ def _common(p: argparse.ArgumentParser, default_rtol: float = 1e-5) -> None:
                    help=f"solver relative tolerance (default {default_rtol:g}; RECIST reads diameters to ~1 %%)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
-    from qspjax.distributed import add_arguments
+    from qspjax.solver.distributed import add_arguments
 
     add_arguments(p)
 
@@ -95,7 +95,7 @@ def _config(args, choice: model_options.ModelChoice) -> dict:
 
 def run_trial(args: argparse.Namespace) -> int:
     _check(args)
-    from qspjax.distributed import from_arguments, is_writer, relaunch_locally
+    from qspjax.solver.distributed import from_arguments, is_writer, relaunch_locally
 
     status = relaunch_locally(args)
     if status is not None:
@@ -191,7 +191,7 @@ def _posterior_models(args, params, spec) -> list:
 
 def run_compare(args: argparse.Namespace) -> int:
     _check(args)
-    from qspjax.distributed import from_arguments, is_writer, relaunch_locally
+    from qspjax.solver.distributed import from_arguments, is_writer, relaunch_locally
 
     status = relaunch_locally(args)
     if status is not None:
@@ -200,7 +200,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from qspjax.io import prepare_out_dir, provenance
     from qspjax.params import load_parameters
     from qspjax.runner import build_population, treat_population
-    from qspjax.simulate import SolverConfig
+    from qspjax.solver.simulate import SolverConfig
     from qspjax.virtual_trial import comparison_table, evaluate, load_experiment, write_comparison
     from qspjax.vpop import load_population
 

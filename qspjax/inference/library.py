@@ -234,7 +234,7 @@ def simulate_patients(template: Problem, candidates: dict, n: int, simulator: st
     from qspjax.inference.simulators import KineticsSimulator
     from qspjax.model.cancer import diameter_from_volume
     from qspjax.outcomes import soft_best_response_probabilities, soft_progression_free_probability
-    from qspjax.simulate import STATUS_OK, simulate_batch
+    from qspjax.solver.simulate import STATUS_OK, simulate_batch
     from qspjax.vpop import Cohort, build_models, grow_cohort, plausibility_reasons
 
     s = template.settings

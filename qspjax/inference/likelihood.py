@@ -94,7 +94,7 @@ from qspjax.outcomes import (
 )
 from qspjax.params import ParameterSet
 from qspjax.regimen import LESIONS, Regimen, compile_schedule, parse_regimen, timeline_points
-from qspjax.simulate import SolverConfig
+from qspjax.solver.simulate import SolverConfig
 from qspjax.vpop import PopulationParams, PopulationSpec, baseline, draw, patient_values, population_params
 
 DAYS_PER_MONTH = 30.4375

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from qspjax.model.cancer import diameter_from_volume
 from qspjax.params import ParameterSet
 from qspjax.regimen import Schedule
-from qspjax.simulate import STATUS_OK, SolverConfig, simulate_batch
+from qspjax.solver.simulate import STATUS_OK, SolverConfig, simulate_batch
 from qspjax.vpop import build_models, grow_cohort
 
 

@@ -225,7 +225,7 @@ def simulate_petab(problem_yaml: str | os.PathLike, parameters: Mapping[str, flo
     from qspjax.model.composer import QSPModel
     from qspjax.params import load_parameters
     from qspjax.regimen import compile_schedule
-    from qspjax.simulate import STATUS_OK, SolverConfig, simulate_patient
+    from qspjax.solver.simulate import STATUS_OK, SolverConfig, simulate_patient
 
     petab = _petab()
     problem_yaml = Path(problem_yaml)

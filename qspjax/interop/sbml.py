@@ -1,7 +1,7 @@
 """SBML Level 3 export of one virtual patient, for COPASI, SimBiology and libRoadRunner users.
 
 The SBML math is generated from the model itself, not transcribed by hand. :func:`trace_formulas`
-traces ``QSPModel.rates`` (and the event jump map :func:`qspjax.simulate.apply_events`) with
+traces ``QSPModel.rates`` (and the event jump map :func:`qspjax.solver.simulate.apply_events`) with
 ``jax.make_jaxpr`` and runs the resulting jaxpr on numpy arrays of formula strings, one string per
 array element: every primitive the model uses (``add``, ``mul``, ``pow``, ``reduce_sum``,
 ``select_n``...) has a string rule here. A transcription error is therefore a missing or wrong
@@ -494,9 +494,9 @@ def log_qss_name(sid: str) -> str:
 
 
 def trace_jump(model: QSPModel, y: State, event) -> dict[str, str]:
-    """Formulas of the state after one timeline point's jumps (:func:`qspjax.simulate.apply_events`)
+    """Formulas of the state after one timeline point's jumps (:func:`qspjax.solver.simulate.apply_events`)
     in terms of the pre-event state and the parameters; only states that change are returned."""
-    from qspjax.simulate import apply_events
+    from qspjax.solver.simulate import apply_events
 
     leaves, p_names = parameter_names(model)
     _, treedef = jax.tree_util.tree_flatten(model)

@@ -2,10 +2,10 @@
 
 Every process runs the same command. Each builds the whole virtual cohort from the seed (cheap and
 deterministic), the treatment solves are split over every device of every process
-(:func:`qspjax.simulate.over_devices`: the patient axis split over a global ``Mesh``, each device
+(:func:`qspjax.solver.simulate.over_devices`: the patient axis split over a global ``Mesh``, each device
 stepping its own patients under ``shard_map``), and each process gets the whole result back;
 process 0 writes the outputs. Pre-treatment growth is split between processes instead
-(:func:`qspjax.simulate.over_processes`: each grows its share, all get the whole cohort back).
+(:func:`qspjax.solver.simulate.over_processes`: each grows its share, all get the whole cohort back).
 
     # on each of N hosts (or N processes of one host)
     qspjax compare EXPERIMENT --out DIR --coordinator host0:12355 --num-processes N --process-id I

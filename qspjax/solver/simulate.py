@@ -4,15 +4,13 @@ One patient is solved by a ``lax.scan`` over the timeline of a compiled :class:`
 point the instantaneous treatment effects (antibody bolus, RT fraction, chemotherapy cycle,
 surgery) are applied exactly at their time, the state is recorded, and diffrax integrates the
 ODE to the next point. The scan has a fixed length, so one compilation serves every regimen of
-the same shape. A batch is the same function under ``jax.vmap`` over the model's parameter
-leaves and the initial states. The state is integrated divided by a typical magnitude per
+the same shape. A batch is either the same function under ``jax.vmap`` over the model's parameter
+leaves and the initial states (lock-step, differentiable) or, for forward runs, the lane queue of
+:mod:`qspjax.solver.queue` (``SolverConfig.batching``). The state is integrated divided by a typical magnitude per
 state, so one absolute tolerance fits species from 1e-22 mol/L to 1e10 cells.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import diffrax as dfx
 import equinox as eqx
@@ -27,130 +25,22 @@ from qspjax.model._base import State
 from qspjax.model.cancer import diameter_from_volume
 from qspjax.model.composer import QSPModel
 from qspjax.regimen import Schedule
-from qspjax.rosenbrock import Rodas4, Rodas5P, _Rodas, finite_cotangents
-
-STATUS_OK = 0
-STATUS_MAX_STEPS = 1
-STATUS_NONFINITE = 2
-STATUS_SOLVER_FAILED = 3
-STATUS_BASELINE_NOT_REACHED = 4
-STATUS_NAMES = {
-    STATUS_OK: "ok",
-    STATUS_MAX_STEPS: "max_steps_reached",
-    STATUS_NONFINITE: "non_finite_state",
-    STATUS_SOLVER_FAILED: "solver_failed",
-    STATUS_BASELINE_NOT_REACHED: "baseline_diameter_not_reached",
-}
-
-_SOLVERS = {"rodas4": Rodas4, "rodas5p": Rodas5P, "kvaerno5": dfx.Kvaerno5, "kvaerno3": dfx.Kvaerno3, "tsit5": dfx.Tsit5, "kencarp4": dfx.KenCarp4}
-
-
-@dataclass(frozen=True)
-class SolverConfig:
-    """Solver settings. Tolerances act on states divided by their typical magnitude.
-
-    ``solver`` is ``"rodas5p"`` (default; :class:`qspjax.rosenbrock.Rodas5P`, a Rosenbrock method
-    with no Newton iteration), ``"rodas4"`` (:class:`qspjax.rosenbrock.Rodas4`) or one of diffrax's ``"kvaerno5"``, ``"kvaerno3"``,
-    ``"kencarp4"`` (implicit Runge–Kutta; their stage equations are solved to
-    ``newton_tol_factor`` times the step tolerances) and ``"tsit5"`` (explicit, for non-stiff
-    checks). ``pcoeff``/``icoeff`` are the step-size controller's coefficients
-    (:class:`diffrax.PIDController`); the default pure integral controller suits the Rodas methods, whose
-    steps fail only on accuracy (measured over 400 days of nivolumab Q2W + SBRT, 8 patients,
-    rtol 1e-5: 2,392 steps with PI coefficients 0.3/0.4, 1,674 with 0/1; final cancer cells
-    within 4e-5 and 1.3e-4 of a 1e-8 solve). ``sparse_jacobian`` (Rodas only) forms each step's
-    Jacobian from one JVP per colour of its structural sparsity pattern (16 for the two-lesion
-    model, against 53 states; :mod:`qspjax.sparsity`) rather than one per state: the same matrix.
-    ``linear_solver`` (Rodas only): ``"auto"`` (default) factorises each step's matrix with the
-    compiled sparse LU of :mod:`qspjax.sparse_lu` where it can be built (CPU backend, a C++
-    compiler), else with dense LAPACK; ``"sparse"`` or ``"dense"`` force one.
-    ``max_steps`` bounds one diffrax solve; a segment between two events may take up to
-    ``max_restarts`` further solves of that budget (each continuing where the last stopped), so
-    the total budget grows with the horizon instead of failing long follow-ups.
-    """
-
-    solver: str = "rodas5p"
-    rtol: float = 1e-6
-    atol: float = 1e-9
-    max_steps: int = 4096
-    max_restarts: int = 12
-    pretreatment_max_days: float = 3650.0
-    newton_tol_factor: float = 100.0
-    first_step_days: float = 1e-3
-    pcoeff: float = 0.0
-    icoeff: float = 1.0
-    sparse_jacobian: bool = True
-    nonnegative: bool = True
-    linear_solver: str = "auto"
-
-    def make_solver(self):
-        try:
-            cls = _SOLVERS[self.solver]
-        except KeyError:
-            raise ValueError(f"solver {self.solver!r}: allowed {sorted(_SOLVERS)}") from None
-        if cls is dfx.Tsit5:
-            return cls()
-        if issubclass(cls, _Rodas):
-            # The model's vector field does not depend on time.
-            return cls(autonomous=True, sparse_jacobian=self.sparse_jacobian, nonnegative=self.nonnegative,
-                       linear_solver=self.linear_solver)
-        # The stage equations need to be solved only well inside the local error the controller
-        # accepts (Hairer & Wanner's Radau5 stops Newton at ~0.03 of it). Solving them to the
-        # controller's own tolerance made ~40 % of the steps fail on Newton, not on accuracy
-        # (measured: 6,488 -> 3,760 steps over the 400-day reference at a factor of 100).
-        f = self.newton_tol_factor
-        return cls(root_finder=dfx.VeryChord(rtol=self.rtol * f, atol=self.atol * f))
-
-    def controller(self):
-        # With Kvaerno5 a PI controller (pcoeff 0.3, icoeff 0.4) halved the rejected steps
-        # (measured: 609 -> 317 steps over 14 days of nivolumab): most rejections there came from
-        # the Newton iteration. Rodas4 has none; its default is the integral controller.
-        return dfx.PIDController(rtol=self.rtol, atol=self.atol, pcoeff=self.pcoeff, icoeff=self.icoeff)
-
-
-class Trajectory(NamedTuple):
-    """A solved patient (or batch: leading patient axis on every array).
-
-    ``ys`` holds every state on the schedule's output grid ``times`` (G, ...); at a grid day that
-    is also an event day the state is the one after that day's jumps. ``status`` is one of
-    ``STATUS_*``; ``viable_fraction_at_surgery`` (L,) is NaN for lesions not resected;
-    ``num_steps`` counts solver steps (accepted and rejected) over the whole schedule.
-    """
-
-    times: jax.Array
-    ys: State
-    status: jax.Array
-    viable_fraction_at_surgery: jax.Array
-    num_steps: jax.Array
-
-
-class _FlatSystem(NamedTuple):
-    """The ODE on one flat vector z = ravel(y) / scale: implicit solvers then see one array
-    rather than dozens of small leaves, which keeps compilation small and Newton steps cheap."""
-
-    term: dfx.ODETerm
-    scale: jax.Array
-    unravel: object
-
-
-def _flat_system(model: QSPModel, like: State) -> _FlatSystem:
-    flat_scale, unravel = ravel_pytree(model.scales())
-    _, unravel_y = ravel_pytree(like)
-
-    def vector_field(t, z, args):
-        # A rejected trial step can evaluate the rates where they are not finite; its zero
-        # cotangent must not turn into NaN on the parameters (see rosenbrock.finite_cotangents).
-        dy = finite_cotangents(model).rates(unravel_y(z * flat_scale))
-        return ravel_pytree(dy)[0] / flat_scale
-
-    return _FlatSystem(dfx.ODETerm(vector_field), flat_scale, unravel_y)
-
-
-def _status_of(result):
-    done = (result == dfx.RESULTS.successful) | (result == dfx.RESULTS.event_occurred)
-    return jnp.where(
-        done, STATUS_OK,
-        jnp.where(result == dfx.RESULTS.max_steps_reached, STATUS_MAX_STEPS, STATUS_SOLVER_FAILED),
-    )
+from qspjax.solver import queue
+from qspjax.solver.core import (  # noqa: F401  (the solver's settings and codes, used from here by callers)
+    STATUS_BASELINE_NOT_REACHED,
+    STATUS_MAX_STEPS,
+    STATUS_NAMES,
+    STATUS_NONFINITE,
+    STATUS_OK,
+    STATUS_SOLVER_FAILED,
+    SolverConfig,
+    Trajectory,
+    _all_finite,
+    _flat_system,
+    _FlatSystem,
+    _status_of,
+    apply_events,
+)
 
 
 def _integrate_segment(model: QSPModel, system: _FlatSystem, z0, t0, t1, dt0, grid, saved, config: SolverConfig):
@@ -219,28 +109,6 @@ def _integrate_segment(model: QSPModel, system: _FlatSystem, z0, t0, t1, dt0, gr
     return z1, saved, status, steps, accepted
 
 
-def _all_finite(y: State):
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree_util.tree_leaves(y)]))
-
-
-def apply_events(model: QSPModel, y: State, event) -> tuple[State, jax.Array]:
-    """Apply the treatment effects scheduled at one timeline point; returns (state, viable fraction)."""
-    dose_mg, dose_kg, rt_gy, rt_sbrt, chemo_kill, resect = event
-    p_rt = model.rt.p
-    viable = y["C1"] / (y["C1"] + y["C_x"] + y["C_doomed"] + 1e-300)
-    y = model.rt.surgery(y, resect)
-    prescribed = jnp.max(rt_gy)
-    blood = prescribed * (rt_sbrt * p_rt["blood_dose_fraction_sbrt"]
-                          + (1.0 - rt_sbrt) * p_rt["blood_dose_fraction_conventional"])
-    nodal = prescribed * (rt_sbrt * p_rt["ln_dose_fraction_sbrt"]
-                          + (1.0 - rt_sbrt) * p_rt["ln_dose_fraction_conventional"])
-    y = model.rt.fraction(y, rt_gy, blood, nodal)
-    y = model.rt.chemotherapy(y, chemo_kill)
-    y = model.dose(y, dose_mg + dose_kg * model.patient["body_weight_kg"])
-    y = model.apply_extinction(y)
-    return y, viable
-
-
 def simulate_patient(model: QSPModel, y0: State, schedule: Schedule, config: SolverConfig = SolverConfig()) -> Trajectory:
     """Solve one patient over the schedule (differentiable in ``model`` and ``y0``).
 
@@ -280,7 +148,12 @@ def simulate_patient(model: QSPModel, y0: State, schedule: Schedule, config: Sol
 
     init = (z_first, jnp.asarray(STATUS_OK), nan_lesions, jnp.asarray(0), jnp.asarray(config.first_step_days),
             saved0)
-    (_, status, viable, steps, _, saved), _ = jax.lax.scan(step, init, (times, next_times, events))
+    # Reverse mode keeps only each segment's carry and recomputes the segment's solve on the way
+    # back: without it every one of a segment's solves kept its own copy of the output grid
+    # (G x 53 per solve, n_lesions + 1 + max_restarts solves per segment), 77.9 GB for the
+    # 12-arm objective at 32 patients x 372 days (benchmarks/RESULTS.md).
+    body = jax.checkpoint(step) if config.checkpoint_segments else step
+    (_, status, viable, steps, _, saved), _ = jax.lax.scan(body, init, (times, next_times, events))
     # A cleared lesion stays at zero; the implicit solver's round-off (~1e-21 cells) is not kept.
     ys = jax.vmap(lambda z: model.apply_extinction(system.unravel(z * system.scale)))(saved)
     return Trajectory(grid, ys, status, viable, steps)
@@ -290,11 +163,16 @@ def simulate_batch(model_batch: QSPModel, y0_batch: State, schedule: Schedule,
                    config: SolverConfig = SolverConfig(), *, devices=None) -> Trajectory:
     """Solve a batch of patients: a leading patient axis on every leaf of the model and states.
 
-    With more than one device (``devices``, default every device of the run: the local ones, or
-    every process's after :func:`qspjax.distributed.initialize`), the patient axis is split over
+    Concrete inputs run on the lane queue of :mod:`qspjax.solver.queue` (``SolverConfig.batching``,
+    forward only); traced inputs (inside ``jax.grad``, ``jit``) on ``vmap`` of
+    :func:`simulate_patient`, which is differentiable. With more than one device (``devices``, default every device of the run: the local ones, or
+    every process's after :func:`qspjax.solver.distributed.initialize`), the patient axis is split over
     them (:func:`over_devices`) and each device solves its own share; the result is the same as on
     one device, and complete on every process.
     """
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((model_batch, y0_batch)))
+    if config.batching == "queue" or (config.batching == "auto" and not traced and queue.supports(config)):
+        return over_devices(_simulate_queue_jit, (model_batch, y0_batch), (schedule, config), devices)
     return over_devices(_simulate_batch_jit, (model_batch, y0_batch), (schedule, config), devices)
 
 
@@ -439,6 +317,17 @@ def _patient_spec(x):
 def _simulate_batch_jit(model_batch, y0_batch, schedule, config, mesh=None):
     def solve(models, y0s, sched):
         return jax.vmap(lambda m, y: simulate_patient(m, y, sched, config))(models, y0s)
+
+    return per_device(solve, mesh, (model_batch, y0_batch), (schedule,))
+
+
+@eqx.filter_jit
+def _simulate_queue_jit(model_batch, y0_batch, schedule, config, mesh=None):
+    def solve(models, y0s, sched):
+        lanes = config.lanes
+        if lanes is None:  # CPU: per lane-step cost is flat from 32 lanes; an accelerator: all at once
+            lanes = 32 if jax.default_backend() == "cpu" else jax.tree_util.tree_leaves(y0s)[0].shape[0]
+        return queue.simulate_queue(models, y0s, sched, config, lanes)
 
     return per_device(solve, mesh, (model_batch, y0_batch), (schedule,))
 

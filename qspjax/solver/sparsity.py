@@ -1,7 +1,7 @@
 """Which entries of a Jacobian can be non-zero, read from the function's jaxpr, and a colouring of
 its columns so that the Jacobian costs one JVP per colour instead of one per state.
 
-Why: Rodas4 (:mod:`qspjax.rosenbrock`) forms a fresh Jacobian at every step, and for the 53-state
+Why: Rodas4 (:mod:`qspjax.solver.rosenbrock`) forms a fresh Jacobian at every step, and for the 53-state
 model that was 53 JVPs, a third of a step (``benchmarks/RESULTS.md``). The two-lesion model's
 Jacobian has 290 structural non-zeros of 2,809 and at most 16 per row, so 16 JVPs recover it exactly: columns that
 never share a row are probed together (Curtis, Powell & Reid, 1974) and each entry is read back

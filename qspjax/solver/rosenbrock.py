@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 from jax.flatten_util import ravel_pytree
 
-from qspjax import sparse_lu
-from qspjax.sparsity import coloured_entries, coloured_jacobian, jacobian_sparsity
+from qspjax.solver import sparse_lu
+from qspjax.solver.sparsity import coloured_entries, coloured_jacobian, jacobian_sparsity
 
 @dataclass(frozen=True)
 class RodasTableau:
@@ -196,7 +196,7 @@ class _Rodas(dfx.AbstractAdaptiveSolver):
     ``autonomous=True`` skips the ∂f/∂t term (one Jacobian-vector product per step) for vector
     fields that do not depend on time; leave it ``False`` otherwise. ``sparse_jacobian=True`` (the
     default) forms the Jacobian from one JVP per colour of its structural sparsity pattern
-    (:mod:`qspjax.sparsity`, read from the vector field's jaxpr at trace time) instead of one per
+    (:mod:`qspjax.solver.sparsity`, read from the vector field's jaxpr at trace time) instead of one per
     state; the result is the same matrix. Use it with a :class:`diffrax.PIDController`; it has no
     Newton iteration and no root-finder settings.
 
@@ -266,7 +266,7 @@ class _Rodas(dfx.AbstractAdaptiveSolver):
             ft = jax.jvp(lambda t: f(t, z0), (t0,), (jnp.ones_like(t0),))[1].astype(dtype)
         shift = 1.0 / (h * tab.gamma)
         if self._sparse_lu():
-            # The compiled sparse elimination (qspjax.sparse_lu) on the Jacobian's structural entries.
+            # The compiled sparse elimination (qspjax.solver.sparse_lu) on the Jacobian's structural entries.
             pattern = jacobian_sparsity(f_at_t0, z0)
             slu = sparse_lu.SparseLU.of(pattern)
             values = coloured_entries(jvp, pattern, slu.rows, slu.cols, dtype)
