@@ -37,7 +37,7 @@ def main(args):
     from qspjax.solver.simulate import SolverConfig, simulate_batch
     from qspjax.vpop import baseline, build_models, draw, load_population, patient_values, population_params
 
-    config = SolverConfig(rtol=args.rtol, atol=args.atol)
+    config = SolverConfig(rtol=args.rtol, atol=args.atol, checkpoint_segments=not args.no_checkpoint)
     params, cohort = C.cohort(args.n, args.seed, config)
     spec = load_population()
     pop = population_params(spec, params)
@@ -58,7 +58,10 @@ def main(args):
     gradient = eqx.filter_jit(jax.value_and_grad(objective))
     n_params = len(jax.tree_util.tree_leaves(pop))
     out = {"machine": C.machine(), "n": args.n, "days": args.days, "rtol": args.rtol, "atol": args.atol,
-           "n_population_params": n_params}
+           "n_population_params": n_params, "checkpoint_segments": config.checkpoint_segments}
+    from qspjax.io import provenance
+
+    out["run"] = provenance(vars(args), args.seed)
     for name, fn in (("forward", forward), ("gradient", gradient)):
         value, record = C.time_compiled(fn, pop, repeats=args.repeats)
         out[name] = {k: record[k] for k in ("seconds", "compile_seconds")}
@@ -87,6 +90,8 @@ def build_parser():
     p.add_argument("--rtol", type=float, default=1e-6)
     p.add_argument("--atol", type=float, default=1e-9)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-checkpoint", action="store_true",
+                   help="store every event segment's residuals instead of rematerialising them (SolverConfig.checkpoint_segments)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     return p
 
