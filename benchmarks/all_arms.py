@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write the per-arm table here (strict JSON)")
     args = ap.parse_args(argv)
 
+    import jax
+
     from qspjax.commands._model_options import add_arguments, resolve
     from qspjax.data import load_trials
     from qspjax.io import atomic_write_json, provenance
@@ -70,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{arm.arm_id:32s} {arm.follow_up_days:5d} d  failed {failed:3d}/{args.patients}  "
               f"median steps {row['solver_steps_median']:8.0f}  {wall:6.1f} s", flush=True)
+        # Every arm compiles its own solver shapes; dropping them keeps one long process within the
+        # kernel's limit on memory mappings (vm.max_map_count, 65,530 here): twice a whole run
+        # died after 18-22 arms with "LLVM compilation error: Cannot allocate memory" while
+        # 19 GB of memory were free.
+        jax.clear_caches()
         if args.json:  # progress: the table so far, rewritten after every arm
             atomic_write_json(args.json, {"arms": rows, "run": provenance(vars(args), args.seed),
                                           "calibration": choice.record(), "machine": C.machine()})

@@ -11,7 +11,9 @@ The flat API (imported on first use, so ``import qspjax`` stays cheap)::
     result = qj.run_cohort(params, regimen, n_patients=16, seed=0, days=168)
     outcome = qj.evaluate(result, qj.Assessment(56.0, "non_irradiated"))
 
-Sub-packages: :mod:`qspjax.model` (the ODE as Equinox modules), :mod:`qspjax.inference`
+Sub-packages: :mod:`qspjax.model` (the ODE as Equinox modules), :mod:`qspjax.solver` (Rosenbrock
+methods, sparse LU, one patient's timeline, batches: the lane queue and lock-step vmap),
+:mod:`qspjax.inference`
 (likelihood, calibration, NUTS, posterior predictive), :mod:`qspjax.analysis` (sensitivity,
 stop time, regimen optimisation), :mod:`qspjax.data` (the trial arms).
 """

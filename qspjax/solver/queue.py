@@ -26,9 +26,9 @@ lock-step path, which is differentiable, under ``jax.grad``/``jit`` tracing.
 from __future__ import annotations
 
 import equinox as eqx
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optimistix as optx
 from jax import lax
 from jax.flatten_util import ravel_pytree
@@ -36,7 +36,6 @@ from jax.flatten_util import ravel_pytree
 from qspjax.model._base import State
 from qspjax.model.composer import QSPModel
 from qspjax.regimen import Schedule
-from qspjax.solver.rosenbrock import RodasInterpolation, _Rodas
 from qspjax.solver.core import (
     STATUS_MAX_STEPS,
     STATUS_NONFINITE,
@@ -47,6 +46,7 @@ from qspjax.solver.core import (
     _flat_system,
     apply_events,
 )
+from qspjax.solver.rosenbrock import RodasInterpolation, _Rodas
 
 # diffrax.PIDController's defaults, which the lock-step path uses.
 _SAFETY, _FACTORMIN, _FACTORMAX = 0.9, 0.2, 10.0
@@ -63,7 +63,7 @@ def _take(tree, index):
 
 @eqx.filter_jit
 def simulate_queue(model_batch: QSPModel, y0_batch: State, schedule: Schedule,
-                   config: SolverConfig = SolverConfig(), lanes: int = 64) -> Trajectory:
+                   config: SolverConfig = SolverConfig(), lanes: int = 32) -> Trajectory:
     """Solve N patients (leading axis N on every leaf of ``model_batch`` and ``y0_batch``) on
     ``min(lanes, N)`` lanes; returns the same :class:`Trajectory` as the lock-step path.
 
@@ -77,10 +77,10 @@ def simulate_queue(model_batch: QSPModel, y0_batch: State, schedule: Schedule,
     solver = config.make_solver()
     if not isinstance(solver, _Rodas):
         raise ValueError(f"the queue solver runs the Rosenbrock methods; solver {config.solver!r} is not one")
-    one_model = _take(model_batch, 0)
-    system0 = _flat_system(one_model, _take(y0_batch, 0))
+    one_model, like = _take(model_batch, 0), _take(y0_batch, 0)  # the state's structure
+    system0 = _flat_system(one_model, like)
     error_order = solver.error_order(system0.term)
-    c1 = _flat_index(_take(y0_batch, 0), "C1")
+    c1 = _flat_index(like, "C1")
     n_state = system0.scale.shape[0]
     times, grid = schedule.times, schedule.output_days
     n_times, n_grid = times.shape[0], grid.shape[0]
@@ -89,16 +89,15 @@ def simulate_queue(model_batch: QSPModel, y0_batch: State, schedule: Schedule,
     budget = config.max_steps * (1 + config.max_restarts + n_lesions)
 
     def flat(model, y):
-        system = _flat_system(model, y)
-        return system, ravel_pytree(y)[0] / system.scale
+        return ravel_pytree(y)[0] / _flat_system(model, y).scale
 
     def lane_events(model, z, event):
-        system = _flat_system(model, _take(y0_batch, 0))
+        system = _flat_system(model, like)
         y, viable = apply_events(model, system.unravel(z * system.scale), event)
         return ravel_pytree(y)[0] / system.scale, viable
 
     def lane_step(model, t, h, z):
-        system = _flat_system(model, _take(y0_batch, 0))
+        system = _flat_system(model, like)
         z1, err, dense, _, _ = solver.step(system.term, t, t + h, z, None, None, False)
         # diffrax.PIDController's scaled error (a NaN candidate is scaled by the start state).
         candidate = jnp.where(jnp.any(jnp.isnan(z1)), z, z1)
@@ -106,7 +105,7 @@ def simulate_queue(model_batch: QSPModel, y0_batch: State, schedule: Schedule,
         return z1, optx.rms_norm(err / scale), dense
 
     def lane_extinct(model, z):
-        system = _flat_system(model, _take(y0_batch, 0))
+        system = _flat_system(model, like)
         threshold = model.patient["extinction_threshold_cells"]
         cells = z[c1] * system.scale[c1]
         return z.at[c1].set(jnp.where(cells < threshold, 0.0, z[c1]))
@@ -116,8 +115,8 @@ def simulate_queue(model_batch: QSPModel, y0_batch: State, schedule: Schedule,
         p_new = state["next"] + rank
         idle = p_new >= n
         p_new = jnp.where(idle, n, p_new)
-        z0 = jax.vmap(lambda m, y: flat(m, y)[1])(_take(model_batch, jnp.minimum(p_new, n - 1)),
-                                                 _take(y0_batch, jnp.minimum(p_new, n - 1)))
+        source = jnp.minimum(p_new, n - 1)
+        z0 = jax.vmap(flat)(_take(model_batch, source), _take(y0_batch, source))
         d = done[:, None]
         fresh_lane = dict(
             p=p_new, k=jnp.zeros_like(state["k"]), fresh=jnp.ones_like(state["fresh"]),
