@@ -61,6 +61,8 @@ def _setup(args):
     selection = load_arm_selection(cfg.arms, known)
     if args.arms == ["all"]:
         arm_ids = known
+    elif args.arms == ["outcomes"]:
+        arm_ids = _arms_with_outcomes(trials, selection.endpoints, args.horizon_cap)
     elif args.arms:
         arm_ids = tuple(args.arms)
     else:
@@ -70,8 +72,10 @@ def _setup(args):
         params, spec = load_parameters(DEFAULT_PARAMS, (CALIBRATED_PARAMS,)), load_population(CALIBRATED_POPULATION)
         record = {"params": [str(DEFAULT_PARAMS), str(CALIBRATED_PARAMS)], "population": str(CALIBRATED_POPULATION)}
     else:
-        params, spec = load_parameters(cfg.params), load_population(cfg.population)
-        record = {"params": [str(cfg.params or DEFAULT_PARAMS)], "population": str(cfg.population or DEFAULT_POPULATION)}
+        population = args.population or cfg.population
+        params, spec = load_parameters(cfg.params, tuple(args.params_extra)), load_population(population)
+        record = {"params": [str(cfg.params or DEFAULT_PARAMS)] + [str(x) for x in args.params_extra],
+                  "population": str(population or DEFAULT_POPULATION)}
     priors = load_priors(args.priors, spec.names)
     settings = cfg.likelihood
     if args.rtol is not None:
@@ -81,15 +85,42 @@ def _setup(args):
     return params, spec, priors, arms, settings, selection.endpoints, record
 
 
+def _arms_with_outcomes(trials, endpoints, horizon_cap) -> tuple[str, ...]:
+    """Every arm with a response count, responders of N or a PFS point inside its simulated days."""
+    from qspjax.inference.library import arm_horizon
+    from qspjax.inference.likelihood import arm_data_from_trial
+
+    out = []
+    for arm in trials.arms:
+        d = arm_data_from_trial(arm, arm_horizon(arm, horizon_cap), endpoints)
+        if d.response_counts is not None or d.responders is not None or len(d.pfs_days):
+            out.append(arm.arm_id)
+    return tuple(out)
+
+
+def _proposal(args, arms, priors, params, spec, settings, endpoints):
+    """None (the prior-based default) or, with ``--proposal-from``, one centred on that posterior."""
+    if not args.proposal_from:
+        return None
+    from qspjax.inference.library import arm_horizon, arm_template, default_proposal, posterior_proposal
+    from qspjax.inference.predictive import load_posterior
+
+    first = arm_template(arms[0], priors, params, spec, settings, arm_horizon(arms[0], args.horizon_cap), endpoints)
+    return posterior_proposal(load_posterior(args.proposal_from).draws, default_proposal(first), args.proposal_inflate)
+
+
 def build(args) -> dict:
     from qspjax.inference.library import build_library
 
     params, spec, priors, arms, settings, endpoints, record = _setup(args)
+    proposal = _proposal(args, arms, priors, params, spec, settings, endpoints)
+    if args.proposal_from:
+        record = record | {"proposal_from": str(args.proposal_from), "proposal_inflate": args.proposal_inflate}
     print(f"library: {len(arms)} arm(s) x {args.patients} patients, horizon cap {args.horizon_cap} d, "
           f"simulator {args.simulator}, seed {args.seed} -> {args.out}", flush=True)
     lib = build_library(args.out, arms, priors, params, spec, settings, args.patients, args.seed,
                         args.horizon_cap, args.simulator, args.chunk, endpoints=endpoints, record=record,
-                        screen_factor=args.screen_factor, progress=not args.quiet)
+                        screen_factor=args.screen_factor, progress=not args.quiet, proposal=proposal)
     return lib.meta
 
 
@@ -98,7 +129,28 @@ def _model(args):
 
     params, spec, priors, arms, settings, endpoints, record = _setup(args)
     lib = load_library(args.library if len(args.library) > 1 else args.library[0], [a.arm_id for a in arms])
-    return LibraryModel(lib, arms, priors, params, spec, mc_error=args.mc_error), record
+    fixed = _fixed_ess(args, lib, arms, priors, params, spec)
+    return LibraryModel(lib, arms, priors, params, spec, mc_error=args.mc_error, fixed_ess=fixed,
+                        min_ess=args.min_ess), record
+
+
+def _fixed_ess(args, lib, arms, priors, params, spec):
+    """With ``--mc-ess-from DIR``: each arm's median Kish ESS at that posterior's draws (None otherwise)."""
+    if not args.mc_ess_from:
+        return None
+    import numpy as np
+
+    from qspjax.errors import QSPValidationError
+    from qspjax.inference.library import LibraryModel
+    from qspjax.inference.predictive import load_posterior
+
+    post = load_posterior(args.mc_ess_from)
+    missing = [pid for pid in priors.ids if pid not in post.draws]
+    if missing:
+        raise QSPValidationError(post.path, f"posterior.{missing[0]}", None,
+                                 f"--mc-ess-from needs a posterior over the run's quantities {list(priors.ids)}")
+    pilot = LibraryModel(lib, arms, priors, params, spec, mc_error="none")
+    return pilot.median_ess(np.stack([post.draws[pid] for pid in priors.ids], axis=1))
 
 
 def infer(args) -> dict:
@@ -118,12 +170,15 @@ def infer(args) -> dict:
                                           "model": record}, seed=args.seed)
     extra = {"nuts_wall_s": wall, "library": list(args.library), "library_settings_key": model.library.meta["settings_key"],
              "patients_per_arm": {a.arm_id: len(a) for a in model.library.arms},
-             "mc_error": model.mc_error,
+             "mc_error": model.mc_error, "mc_error_fixed_ess_source": model.fixed_ess_source,
+             "min_ess": model.min_ess,
+             "mc_ess_from": args.mc_ess_from,
              "mc_error_fixed_ess": None if model.fixed_ess is None else dict(zip([a.arm_id for a in model.arms],
                                                                                  model.fixed_ess.tolist())),
              "route": "importance reweighting of a simulated library (fits/library.py)",
              "prior_predictive_min_weight_ess": float(np.min(model.ess(model.prior_means())))}
     summary = write_posterior(out, mcmc, model, prov, extra)
+    _write_point_calibration(out, model, mcmc, args)
     print(f"R-hat max {summary['rhat_max']:.4f}, bulk ESS min {summary['ess_bulk_min']:.0f}, divergences "
           f"{summary['divergences']}, min weight ESS over arms at posterior draws "
           f"{summary['weight_ess']['min_over_arms']:.1f} (NUTS {wall:.0f} s)")
@@ -133,6 +188,26 @@ def infer(args) -> dict:
               f"[{r['predicted_interval'][0]:.1f}, {r['predicted_interval'][1]:.1f}]"
               f"{'' if r['predicted_inside_observed_ci'] else '  (outside the CI)'}")
     return summary
+
+
+def _write_point_calibration(out, model, mcmc, args) -> None:
+    """``params_calibrated.yaml`` (population medians in internal units) and
+    ``population_calibrated.yaml`` (spreads) at the coordinate-wise posterior median: the files a
+    command's default (calibrated) model reads, ``qspjax.commands._model_options``."""
+    import numpy as np
+    import yaml
+
+    from qspjax.inference.calibrate import parameter_overlay, population_document
+    from qspjax.inference.library import posterior_matrix
+    from qspjax.io import atomic_write_text
+
+    theta = np.median(posterior_matrix(mcmc, model), axis=0)
+    source = (f"posterior median of fits/library.py, {len(model.arms)} arm(s), library "
+              f"{model.library.meta.get('settings_key')}")
+    atomic_write_text(out / "params_calibrated.yaml",
+                      yaml.safe_dump(parameter_overlay(model.ref, theta, source), sort_keys=False))
+    atomic_write_text(out / "population_calibrated.yaml",
+                      yaml.safe_dump(population_document(model.ref, theta, source), sort_keys=False))
 
 
 def sbc(args) -> dict:
@@ -174,9 +249,12 @@ def crossval(args) -> dict:
     lib = load_library(args.library if len(args.library) > 1 else args.library[0], [a.arm_id for a in arms])
     out = prepare_out_dir(args.out, overwrite=True)
     t0 = time.perf_counter()
+    fixed = _fixed_ess(args, lib, arms, priors, params, spec)
+    fixed = None if fixed is None else dict(zip([a.arm_id for a in arms], fixed.tolist()))
     rows = cross_validate(lib, arms, priors, params, spec, jax.random.PRNGKey(args.seed), chains=args.chains,
                           warmup=args.warmup, samples=args.samples, max_tree_depth=args.max_tree_depth,
-                          progress=None if args.quiet else (lambda m: print(m, flush=True)))
+                          progress=None if args.quiet else (lambda m: print(m, flush=True)), fixed_ess=fixed,
+                          min_ess=args.min_ess)
     doc = {"route": "leave-one-trial-out on the importance-reweighted library (qspjax/inference/crossval.py)",
            "summary": tally(rows), "arms": rows, "wall_s": time.perf_counter() - t0,
            "provenance": provenance(config=vars(args) | {"model": record}, seed=args.seed)}
@@ -190,9 +268,131 @@ def crossval(args) -> dict:
     return doc
 
 
+def write_report(args) -> dict:
+    """``fits/report.json``'s ``library_route``: per arm, the in-sample rows of ``POSTERIOR/summary.json``
+    (role ``fitted``: ORR, CR, PFS points) and the leave-one-trial-out rows of
+    ``CROSSVAL/crossval.json`` (role ``cross_validated``: ORR), with the goals' tallies. Other keys
+    of the report (the point calibration's) are kept."""
+    import json
+
+    post = Path(args.posterior_dir)
+    summary = json.loads((post / "summary.json").read_text())
+    cv_path = Path(args.crossval_dir) / "crossval.json" if args.crossval_dir else None
+    cv = json.loads(cv_path.read_text()) if cv_path is not None else {
+        "arms": [], "summary": {"arms": 0, "inside_ci": 0, "fraction_inside": None,
+                                "note": "not run for this posterior (no --crossval-dir)"}}
+    endpoints = {r["arm_id"]: r for r in summary.get("predictive_endpoints", [])}
+    rows = []
+    for r in summary["predictive_orr"]:
+        e = endpoints.get(r["arm_id"], {})
+        rows.append({"id": r["arm_id"], "role": "fitted", "observed_orr_pct": r["observed_orr_pct"],
+                     "observed_orr_ci_pct": r["observed_ci"], "predicted_orr_pct": r["predicted_orr_pct"],
+                     "predicted_interval_pct": r["predicted_interval"], "inside_ci": r["predicted_inside_observed_ci"],
+                     "cr": e.get("cr"), "pfs": e.get("pfs", [])})
+    rows += cv["arms"]
+    fitted = [r for r in rows if r["role"] == "fitted"]
+    crossed = [r for r in rows if r["role"] == "cross_validated"]
+    path = Path(args.report)
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    doc["library_route"] = {
+        "what": (f"posterior by NUTS on the importance-reweighted ODE library ({post}, fits/library.py): in-sample "
+                 f"('fitted') ORR, CR and PFS per arm, and leave-one-trial-out ('cross_validated', "
+                 f"{args.crossval_dir}/crossval.json) ORR; observed intervals exact binomial at 95 %; predicted: "
+                 "posterior median of the reweighted cohort mean"),
+        "summary": {"fitted": {"arms": len(fitted), "inside_ci": int(sum(r["inside_ci"] for r in fitted))},
+                    "cross_validated": cv["summary"],
+                    "endpoints_fitted": summary.get("endpoints_inside_observed_ci"),
+                    "nuts": {k: summary.get(k) for k in ("rhat_max", "ess_bulk_min", "ess_tail_min", "divergences",
+                                                         "chains", "samples_per_chain")}},
+        "arms": rows}
+    atomic_write_json(path, doc)
+    print(f"{path}: fitted {doc['library_route']['summary']['fitted']}, cross-validated {cv['summary']}")
+    return doc
+
+
+def diagnostics(args) -> dict:
+    """Fitting diagnostics of the reweighted posterior (closed-form, so cheap): ``--multistart N``
+    Sobol starts over the prior box (centre +- ``--box-sds`` prior sds), each minimised by L-BFGS-B
+    (``starts.csv``, ``waterfall.png``, ``best_starts.png``), and the profile likelihood of every
+    quantity from the best start (``profiles.csv``, ``profile_<id>.png``, ``profiles.json`` with the
+    95 % intervals and the identifiability reading; :mod:`qspjax.inference.profile`)."""
+    import math
+
+    import numpy as np
+    from scipy.stats import qmc
+
+    from qspjax.inference.multistart import _csv_text, plot_best_starts, plot_waterfall
+    from qspjax.inference.profile import minimise, objective_of, profile_parameter, write_profiles
+    from qspjax.io import atomic_write_text
+
+    model, record = _model(args)
+    out = prepare_out_dir(args.out, overwrite=True)
+    ids = list(model.ids)
+    mu, sd = model.prior_means(), model.prior_sds()
+    bounds = [(float(m - args.box_sds * s), float(m + args.box_sds * s)) for m, s in zip(mu, sd)]
+    post = objective_of(model, "posterior")
+    t0 = time.perf_counter()
+    design = qmc.Sobol(len(ids), scramble=True, seed=args.seed).random(max(args.multistart, 1))
+    starts = np.asarray(mu) + args.box_sds * np.asarray(sd) * (2 * design - 1)
+    starts[0] = mu  # the prior centre first
+    finals = []
+    for j, x0 in enumerate(starts):
+        theta, f = minimise(post, x0, bounds)
+        finals.append((float(post(x0)[0]), theta, f))
+        if not args.quiet:
+            print(f"start {j + 1}/{len(starts)}: {finals[-1][0]:.3f} -> {f:.3f} nats", flush=True)
+    best = min(f for _, _, f in finals if math.isfinite(f))
+    order = sorted(range(len(finals)), key=lambda j: finals[j][2])
+    rank = {j: r + 1 for r, j in enumerate(order)}
+    rows = []
+    for j, (f0, theta, f) in enumerate(finals):
+        rows.append({"start": j, "initial_objective": f0, "optimized": True, "final_objective": f,
+                     "converged": True, "stop_reason": "L-BFGS-B", "rank": rank[j],
+                     "best_cluster": bool(f <= best + args.cluster_tolerance)}
+                    | {f"theta:{k}": float(x) for k, x in zip(ids, theta)})
+    atomic_write_text(out / "starts.csv", _csv_text(rows))
+    plot_waterfall(rows, args.cluster_tolerance, out / "waterfall.png")
+    plot_best_starts(rows, model, args.box_sds, out / "best_starts.png")
+    t_multi = time.perf_counter() - t0
+    # profiles of the likelihood (what the data say, inside the library's support) from the best start
+    import jax
+    import jax.numpy as jnp
+
+    vg = jax.jit(jax.value_and_grad(lambda th: -(model._log_likelihood(th) + model.support_log_penalty(th))))
+
+    def like(theta):
+        value, grad = vg(jnp.asarray(theta, float))
+        return float(value), np.asarray(grad, float)
+
+    theta_best = finals[order[0]][1]
+    theta_hat, f_min = minimise(like, theta_best, bounds)
+    profiles = [profile_parameter(like, theta_hat, i, bounds, args.profile_step * float(sd[i]), args.profile_points,
+                                  name=pid, f_min=f_min) for i, pid in enumerate(ids)]
+    info = {"objective": "likelihood", "minimum": f_min, "theta_at_minimum": dict(zip(ids, map(float, theta_hat))),
+            "fit_theta": dict(zip(ids, map(float, theta_best))), "box_sds": args.box_sds,
+            "step_prior_sds": args.profile_step, "threshold_nats": 0.5 * 3.841458820694124,
+            "simulator": model.library.meta.get("simulator"),
+            "route": "reweighted library likelihood (fits/library.py --diagnostics)"}
+    write_profiles(out, profiles, info)
+    doc = {"multistart": {"starts": len(starts), "best_objective": best,
+                          "best_cluster": int(sum(r["best_cluster"] for r in rows)),
+                          "cluster_tolerance": args.cluster_tolerance, "wall_s": t_multi},
+           "profiles": {p.parameter: {"reading": p.reading, "interval_95": [p.lower, p.upper]} for p in profiles},
+           "wall_s": time.perf_counter() - t0,
+           "provenance": provenance(config=vars(args) | {"model": record}, seed=args.seed)}
+    atomic_write_json(out / "diagnostics.json", doc)
+    for p in profiles:
+        print(f"  {p.parameter:22s} {p.reading}; 95 % interval {p.lower} .. {p.upper}")
+    return doc
+
+
 def main(args: argparse.Namespace) -> dict:
     if args.build:
         return build(args)
+    if args.write_report:
+        return write_report(args)
+    if args.diagnostics:
+        return diagnostics(args)
     if args.library is None:
         from qspjax.errors import QSPValidationError
 
@@ -209,7 +409,16 @@ def parser() -> argparse.ArgumentParser:
                    help="library folder(s) (library.json + arms/*.npz) to infer from; several (other seeds) are merged")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="run file: arms, likelihood settings (rtol, scans)")
     p.add_argument("--priors", default=DEFAULT_PRIORS)
-    p.add_argument("--arms", nargs="*", default=None, help="arm ids (default: the run file's fitted arms; 'all': every arm)")
+    p.add_argument("--arms", nargs="*", default=None,
+                   help="arm ids (default: the run file's fitted arms; 'all': every arm; 'outcomes': every arm with a "
+                        "response or PFS point inside its simulated days)")
+    p.add_argument("--params-extra", nargs="*", default=[],
+                   help="parameter files applied over the run file's (e.g. configs/params/potency_nominal.yaml)")
+    p.add_argument("--population", default=None, help="population file (default: the run file's)")
+    p.add_argument("--proposal-from", default=None,
+                   help="build: centre the proposal on this posterior folder's draws (posterior.nc)")
+    p.add_argument("--proposal-inflate", type=float, default=1.3,
+                   help="build: widen the posterior-centred proposal's sds by this factor")
     p.add_argument("--calibrated", action="store_true",
                    help="build on the shipped calibration instead of the run file's parameters (priors centre on it)")
     p.add_argument("--patients", type=int, default=64, help="library patients per arm (plausible ones)")
@@ -226,9 +435,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mc-error", choices=("fixed", "ess", "none"), default="fixed",
                    help="Monte-Carlo term 1/n + 1/M: M = each arm's median Kish ESS over prior draws (fixed), "
                         "the ESS at theta (ess), or no term (none)")
+    p.add_argument("--mc-ess-from", default=None, metavar="DIR",
+                   help="fixed Monte-Carlo term: M = each arm's median Kish ESS at this (pilot) posterior's draws "
+                        "instead of at prior draws (a wide prior puts M at a few patients and the data count for little)")
+    p.add_argument("--min-ess", type=float, default=None,
+                   help="restrict the posterior to where every arm's importance weights keep at least this Kish ESS "
+                        "(a steep wall below it; use with --mc-ess-from, whose M is only valid there)")
     p.add_argument("--sbc", type=int, default=0, help="SBC replicates (instead of inference)")
     p.add_argument("--crossval", action="store_true",
                    help="leave-one-trial-out cross-validation of the library's arms (instead of inference)")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="multistart waterfall and profile likelihoods of the reweighted posterior (instead of NUTS)")
+    p.add_argument("--multistart", type=int, default=64, help="diagnostics: Sobol starts")
+    p.add_argument("--box-sds", type=float, default=3.0, help="diagnostics: start box, prior centre +- this many sds")
+    p.add_argument("--cluster-tolerance", type=float, default=0.1, help="diagnostics: best-cluster width (nats)")
+    p.add_argument("--profile-step", type=float, default=0.2, help="diagnostics: profile step (prior sds)")
+    p.add_argument("--profile-points", type=int, default=15, help="diagnostics: profile points per side, at most")
+    p.add_argument("--write-report", action="store_true",
+                   help="write --report's library_route from --posterior-dir and --crossval-dir (no sampling)")
+    p.add_argument("--posterior-dir", default="fits/posterior")
+    p.add_argument("--crossval-dir", default="fits/crossval", help="'' when no cross-validation was run")
+    p.add_argument("--report", default="fits/report.json")
     p.add_argument("--thin", type=int, default=2, help="SBC: keep every thin-th draw")
     p.add_argument("--bins", type=int, default=10, help="SBC: rank histogram bins")
     p.add_argument("--seed", type=int, default=0)

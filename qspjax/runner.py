@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qspjax.errors import QSPValidationError
 from qspjax.io import atomic_write, atomic_write_json, atomic_write_text
 from qspjax.model.composer import QSPModel
 from qspjax.model.reference import SIMBIOLOGY_COLUMNS, simbiology_columns, state_from_species
@@ -154,6 +155,28 @@ def build_population(
                       np.asarray(cohort.tps_class), tuple(drugs), n_lesions,
                       {"candidates": screened, "rejected": {k: v for k, v in rejected.items() if v},
                        "target_notes": list(target.notes) if target else []})
+
+
+def concat_populations(parts: list[Population]) -> Population:
+    """One population of the patients of ``parts`` in order (same drugs and lesions), e.g. the
+    cohorts of several posterior draws: each patient keeps its own parameter values."""
+    if not parts:
+        raise QSPValidationError("populations", "parts", [], "at least one population")
+    first = parts[0]
+    for p in parts[1:]:
+        if p.drugs != first.drugs or p.n_lesions != first.n_lesions:
+            raise QSPValidationError("populations", "drugs/n_lesions", (p.drugs, p.n_lesions),
+                                     f"the same as the first population's {(first.drugs, first.n_lesions)}")
+    model = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *[p.model for p in parts])
+    y0 = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *[p.y0 for p in parts])
+    screening = {"candidates": sum(p.screening.get("candidates", 0) for p in parts),
+                 "rejected": {}, "parts": [p.screening for p in parts]}
+    for p in parts:
+        for k, v in p.screening.get("rejected", {}).items():
+            screening["rejected"][k] = screening["rejected"].get(k, 0) + v
+    return Population(model, y0, np.concatenate([p.status for p in parts]),
+                      np.concatenate([p.baseline_diameter_cm for p in parts]),
+                      np.concatenate([p.tps_class for p in parts]), first.drugs, first.n_lesions, screening)
 
 
 def treat_population(

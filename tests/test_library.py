@@ -253,7 +253,189 @@ def test_committed_posterior_is_readable_by_the_predictive_machinery():
 
     post = load_posterior(REPO / "fits/posterior")
     ids = {"k_C1_growth", "k_C_T1", "q_T1_T_in", "n_T1_clones", "alpha_tumor"}
-    assert ids | {f"{i}.sd" for i in ids} <= set(post.draws)
+    potency = {"blockade_emax_PD1", "blockade_emax_PDL1", "blockade_emax_CTLA4"}
+    assert ids | {f"{i}.sd" for i in ids} | potency == set(post.draws)
     assert post.n_draws == 4 * 1000 and all(np.all(np.isfinite(v)) for v in post.draws.values())
     draws = posterior_draws(post, 4)
     assert len(draws) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-target potency (blockade_emax_<target>) as reweighted parameters
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def potency_setup():
+    from qspjax.data import load_trials
+    from qspjax.params import load_parameters
+    from qspjax.vpop import load_population
+
+    params = load_parameters(None, (REPO / "configs/params/potency_nominal.yaml",))
+    spec = load_population(REPO / "configs/inference/population_potency.yaml")
+    priors = load_priors(REPO / "configs/inference/priors_potency.yaml", spec.names)
+    trials = load_trials()
+    return params, spec, priors, [trials.get_arm(a) for a in ARMS]
+
+
+def test_potency_relevance_follows_the_arms_antibodies(potency_setup):
+    from qspjax.data import load_trials
+
+    params, _, priors, _ = potency_setup
+    names = L.reweighted_parameters(priors)
+    trials = load_trials()
+
+    def relevant(arm_id):
+        mask = L.relevant_parameters(trials.get_arm(arm_id), names, params)
+        return {n for n, m in zip(names, mask) if m and n.startswith(L.POTENCY_PREFIX)}
+
+    assert relevant("NCT02444741:pembro") == {"blockade_emax_PD1"}
+    assert relevant("NCT03644823:atezo_sbrt") == {"blockade_emax_PDL1"}
+    assert relevant("NCT02888743:durva_treme") == {"blockade_emax_PDL1", "blockade_emax_CTLA4"}
+    assert relevant("NCT02125461:crt_placebo") == set()  # chemoradiation alone: no antibody
+    # the QSP-IO parameters are relevant to every arm
+    assert all(L.relevant_parameters(trials.get_arm("NCT02125461:crt_placebo"), names, params)[:5])
+
+
+def test_an_irrelevant_potency_leaves_the_weights_unchanged(potency_setup):
+    """Moving the PD-L1 potency changes the atezolizumab arm's weights and not the pembrolizumab
+    arm's (and vice versa); the masked weights equal those of the proposal's marginal."""
+    lib = fake_library(potency_setup, n=40, seed=2)
+    model = model_of(potency_setup, lib)
+    theta = jnp.asarray(model.prior_means())
+    i_pd1, i_pdl1 = model.ids.index("blockade_emax_PD1"), model.ids.index("blockade_emax_PDL1")
+    w0 = model.weights(theta)
+    w_pdl1 = model.weights(theta.at[i_pdl1].add(1.0))
+    w_pd1 = model.weights(theta.at[i_pd1].add(1.0))
+    np.testing.assert_array_equal(np.asarray(w_pdl1[0]), np.asarray(w0[0]))  # pembrolizumab arm
+    assert np.max(np.abs(np.asarray(w_pdl1[1]) - np.asarray(w0[1]))) > 1e-3  # atezolizumab arm moves
+    np.testing.assert_array_equal(np.asarray(w_pd1[1]), np.asarray(w0[1]))
+    assert np.max(np.abs(np.asarray(w_pd1[0]) - np.asarray(w0[0]))) > 1e-3
+    # direct computation on the relevant dimensions only (pembrolizumab arm: all but PD-L1 and CTLA-4)
+    prop = lib.proposal()
+    keep = [k for k, n in enumerate(prop.names) if n not in ("blockade_emax_PDL1", "blockade_emax_CTLA4")]
+    loc, log_sd = model._loc_log_sd(theta)
+    x = lib.arms[0].log_values[:, keep]
+    marginal = L.Proposal(tuple(prop.names[k] for k in keep), tuple(prop.loc[k] for k in keep),
+                          tuple(prop.scale[k] for k in keep))
+    direct = L.self_normalised_weights(L.log_target_density(jnp.asarray(x), loc[jnp.asarray(keep)],
+                                                            log_sd[jnp.asarray(keep)]),
+                                       jnp.asarray(marginal.log_density(x)), jnp.ones(len(x), bool))
+    np.testing.assert_allclose(np.asarray(w0[0]), np.asarray(direct), rtol=1e-10, atol=1e-15)
+
+
+def test_posterior_proposal():
+    base = L.Proposal(("a", "b"), (0.0, 1.0), (2.0, 3.0))
+    rng = np.random.default_rng(0)
+    draws = {"a": 0.5 + 0.2 * rng.standard_normal(4000), "a.sd": np.log(0.4) + 0.1 * rng.standard_normal(4000)}
+    p = L.posterior_proposal(draws, base, inflate=1.5)
+    assert p.names == base.names
+    assert p.loc[0] == pytest.approx(np.mean(draws["a"]))
+    s_b = math.exp(np.mean(draws["a.sd"]) + np.std(draws["a.sd"]))
+    assert p.scale[0] == pytest.approx(1.5 * math.sqrt(np.var(draws["a"]) + s_b ** 2))
+    assert (p.loc[1], p.scale[1]) == (1.0, 3.0)  # no draws: the base proposal's entry
+    with pytest.raises(QSPValidationError, match="inflate"):
+        L.posterior_proposal(draws, base, inflate=0.0)
+
+
+def test_endpoint_table_reads_cr_and_pfs_as_the_likelihood_does(setup):
+    model = model_of(setup, fake_library(setup, n=30, seed=4))
+    theta = np.asarray(model.prior_means())
+    rows = L.endpoint_table(model, theta[None, :], n_draws=1)
+    w = model.weights(jnp.asarray(theta))
+    pred = model.predict(jnp.asarray(theta))
+    for i, (row, arm, lib, t) in enumerate(zip(rows, model.arms, model.library.arms, model.templates)):
+        assert row["arm_id"] == arm.arm_id
+        if arm.response_counts is not None:
+            assert row["cr"]["predicted_pct"] == pytest.approx(100 * float(w[i] @ jnp.asarray(lib.response[:, 0])))
+            assert row["cr"]["observed_pct"] == pytest.approx(100 * arm.response_counts[0] / sum(arm.response_counts))
+        assert len(row["pfs"]) == len(arm.pfs_days)
+        for j, p in enumerate(row["pfs"]):
+            assert p["predicted_pct"] == pytest.approx(100 * float(t.landmark_pfs(pred[i][0], 0)[j]))
+            assert p["observed_ci"][0] <= p["observed_pct"] <= p["observed_ci"][1]
+            assert p["inside_ci"] == (p["observed_ci"][0] <= p["predicted_pct"] <= p["observed_ci"][1])
+    tally = L.endpoint_tally(rows)
+    assert tally["cr"]["arms"] == sum(r["cr"] is not None for r in rows)
+    assert tally["cr"]["inside_ci"] == sum(r["cr"]["inside_ci"] for r in rows if r["cr"] is not None)
+
+
+def test_response_read_follows_what_the_trial_reports():
+    from qspjax.data import load_trials
+    from qspjax.outcomes import SD_MIN_DAYS
+
+    trials = load_trials()
+    grid = np.arange(0.0, 421.0, 7.0)
+    pacific = L.response_read(trials.get_arm("NCT02125461:crt_placebo"), grid)
+    assert pacific.origin_day == 56.0 and pacific.read_days is None  # baseline at randomisation (day 53)
+    neo = L.response_read(trials.get_arm("NCT02904954:durva"), grid)  # durvalumab, then surgery
+    assert neo.origin_day == 0.0 and neo.sd_min_days == 0.0 and len(neo.read_days) == 1
+    assert "before surgery" in neo.rule and neo.read_days[0] < 57.0
+    fixed = L.response_read(trials.get_arm("NCT02221739:rt_ipi"), grid)  # orr_assessment_months 2.9
+    assert fixed.read_days == pytest.approx((2.9 * 30.4375,)) and fixed.sd_min_days == SD_MIN_DAYS
+    best = L.response_read(trials.get_arm("NCT02444741:pembro"), grid)
+    assert (best.origin_day, best.read_days) == (0.0, None)
+
+
+def test_library_reads_the_response_from_the_origin(setup, tmp_path):
+    """The stored P(CR, PR, SD, PD, NE) of an arm with a later outcome origin are the smooth best
+    response of the course from that origin on, not from day 0."""
+    from qspjax.data import load_trials
+    from qspjax.inference.simulators import KineticsSimulator
+    from qspjax.outcomes import soft_best_response_probabilities
+
+    params, spec, priors, _ = setup
+    arm = load_trials().get_arm("NCT02125461:crt_placebo")
+    t = L.arm_template(arm, priors, params, spec, SETTINGS, 190.0)
+    prop = L.default_proposal(t)
+    cand = L.draw_patients(t, arm, prop, 6, seed=0)
+    read = L.response_read(arm, t.output_days)
+    _, out = L.simulate_patients(t, cand, 6, "kinetics", read=read)
+    sim = KineticsSimulator(params)
+    schedule = jax.tree_util.tree_map(lambda x: x[0], t.schedules)
+    diam, ok = sim.arm(sim.prepare({k: jnp.asarray(v) for k, v in cand["values"].items()},
+                                   {k: jnp.asarray(v) for k, v in cand["baseline"].items()}), schedule)
+    days = np.asarray(t.output_days)
+    i0 = int(np.argmin(np.abs(days - read.origin_day)))
+    assert i0 > 0
+    kw = dict(temperature=SETTINGS.temperature, assessment_interval_days=SETTINGS.assessment_interval_days)
+    want = soft_best_response_probabilities(days[i0:], diam[..., i0:], t.target_mask, ok, **kw)
+    from_day0 = soft_best_response_probabilities(days, diam, t.target_mask, ok, **kw)
+    np.testing.assert_allclose(out["response"], np.asarray(want), atol=1e-12)
+    assert np.max(np.abs(np.asarray(from_day0) - np.asarray(want))) > 1e-3  # the origin matters here
+
+
+def test_fixed_monte_carlo_size_can_come_from_a_pilot_posterior(setup):
+    lib = fake_library(setup, n=40, seed=5)
+    model = model_of(setup, lib)
+    draws = np.asarray(model.prior_means())[None, :] + 0.05 * np.random.default_rng(0).standard_normal((20, len(model.ids)))
+    m = model.median_ess(draws)
+    assert m.shape == (2,) and np.all((m >= 1) & (m <= 40))
+    params, spec, priors, arms = setup
+    given = L.LibraryModel(lib, arms, priors, params, spec, SETTINGS, mc_error="fixed", fixed_ess=[30.0, 12.0])
+    np.testing.assert_array_equal(given.fixed_ess, [30.0, 12.0])
+    sizes = given.effective_sizes(None)
+    n = sizes[0]["response_n"]
+    assert n == float(round(1.0 / (1.0 / given._data_sizes[0]["response_n"] + 1.0 / 30.0)))
+    with pytest.raises(QSPValidationError, match="fixed_ess"):
+        L.LibraryModel(lib, arms, priors, params, spec, SETTINGS, mc_error="fixed", fixed_ess=[30.0])
+
+
+@pytest.mark.slow  # surrogate library, then ~2 starts and short profiles of 10 quantities
+def test_diagnostics_write_a_waterfall_and_profiles(tmp_path):
+    import json
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from fits import library as script
+
+    common = ["--arms", *ARMS, "--simulator", "kinetics", "--horizon-cap", "190", "--seed", "3"]
+    script.main(script.parser().parse_args(["--build", "--patients", "12", "--out", str(tmp_path / "lib"), "--quiet",
+                                            *common]))
+    doc = script.main(script.parser().parse_args(["--library", str(tmp_path / "lib"), "--diagnostics", "--multistart",
+                                                  "2", "--profile-points", "2", "--profile-step", "0.5", "--out",
+                                                  str(tmp_path / "diag"), "--quiet", *common]))
+    out = tmp_path / "diag"
+    for name in ("starts.csv", "waterfall.png", "best_starts.png", "profiles.csv", "profiles.json", "diagnostics.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert doc["multistart"]["starts"] == 2 and len(doc["profiles"]) == 10
+    profiles = json.loads((out / "profiles.json").read_text())
+    # every profile point is at or above the minimum it is measured from
+    assert all(p["max_delta"] >= -1e-6 for p in profiles["parameters"].values())

@@ -69,6 +69,33 @@ def test_bad_space_file_refused_by_the_command_before_compute(tmp_path, capsys):
     assert "Traceback" not in err and not (tmp_path / "o").exists()
     rc = main(["optimize", str(SPACE), "--patients", "2", "--holdout-seed", "0", "--out", str(tmp_path / "o")])
     assert rc == 2 and "--holdout-seed" in capsys.readouterr().err
+    # the posterior flags: a draw count the cohort cannot hold, a folder without posterior.nc
+    rc = main(["optimize", str(SPACE), "--patients", "2", "--posterior", str(tmp_path), "--posterior-draws", "3",
+               "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--posterior-draws" in capsys.readouterr().err
+    rc = main(["optimize", str(SPACE), "--patients", "2", "--posterior", str(tmp_path / "none"),
+               "--posterior-draws", "2",
+               "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--posterior" in err and "posterior.nc" in err and not (tmp_path / "o").exists()
+
+
+def test_concat_populations_keeps_each_patients_values():
+    from qspjax.params import load_parameters
+    from qspjax.runner import build_population, concat_populations
+
+    base = load_parameters()
+    other = base.with_values(k_C1_growth=2 * base.values["k_C1_growth"])
+    a = build_population(base, 2, 0, ("nivolumab",), exported_initial_state=True)
+    b = build_population(other, 3, 0, ("nivolumab",), exported_initial_state=True)
+    pop = concat_populations([a, b])
+    assert len(pop) == 5 and pop.drugs == ("nivolumab",)
+    np.testing.assert_allclose(np.asarray(pop.model.cancer.p["k_C1_growth"]),
+                               [base.values["k_C1_growth"]] * 2 + [other.values["k_C1_growth"]] * 3)
+    np.testing.assert_array_equal(pop.baseline_diameter_cm[:2], a.baseline_diameter_cm)
+    c = build_population(base, 1, 0, ("ipilimumab",), exported_initial_state=True)
+    with pytest.raises(QSPValidationError, match="drugs"):
+        concat_populations([a, c])
 
 
 def test_shipped_space_loads_and_its_least_constrained_corner_is_feasible():

@@ -21,15 +21,16 @@ from test_optimize import _space
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cohort():
-    from qspjax.commands._model_options import CALIBRATED_PARAMS, CALIBRATED_POPULATION
     from qspjax.params import load_parameters
     from qspjax.runner import build_population
     from qspjax.solver.simulate import SolverConfig
     from qspjax.vpop import load_population
 
     config = SolverConfig(rtol=1e-7, atol=1e-10)
-    params = load_parameters(None, [REPO / CALIBRATED_PARAMS])
-    population = build_population(params, 2, 0, ("nivolumab",), spec=load_population(REPO / CALIBRATED_POPULATION),
+    # a fixed model (the first point calibration): the gradient check does not move with the default
+    params = load_parameters(None, [REPO / "configs/params/calibrated/advanced_params.yaml"])
+    population = build_population(params, 2, 0, ("nivolumab",),
+                                  spec=load_population(REPO / "configs/params/calibrated/advanced_population.yaml"),
                                   config=config, chunk=2)
     return population, config
 

@@ -295,8 +295,8 @@ def test_shipped_analysis_file_loads():
     a = load_analysis(REPO / "configs/sensitivity/rt_nivolumab_endpoints.yaml")
     assert a.simulator == "qsp" and {"nivolumab", "rt_nivolumab"} <= set(a.regimens)
     assert any(o.difference is not None for o in a.outputs)
-    assert a.params_extra and a.params_extra[0].endswith("calibrated/advanced_params.yaml")
-    assert a.population_file.endswith("calibrated/advanced_population.yaml")
+    assert a.params_extra and a.params_extra[0].endswith("calibrated/library_params.yaml")
+    assert a.population_file.endswith("calibrated/library_population.yaml")
 
 
 def test_parameters_reach_every_patient(tmp_path):

@@ -52,3 +52,54 @@ def test_report_lists_every_selected_arm_with_consistent_numbers(report):
     for role in ("fitted", "held_out"):
         rows = [r for r in report["arms"] if r["role"] == role]
         assert report["summary"][role]["inside_ci"] == sum(r["inside_ci"] for r in rows)
+
+
+def test_default_calibration_is_the_posterior_median_of_the_library_fit():
+    """The files every command runs by default hold the coordinate-wise posterior median of the
+    committed library-route posterior (fits/posterior), medians in natural units and spreads as cv."""
+    import numpy as np
+
+    from qspjax.commands import _model_options as mo
+    from qspjax.inference.predictive import load_posterior
+    from qspjax.params import load_parameters
+    from qspjax.vpop import load_population
+
+    assert mo.CALIBRATED_PARAMS == CALIBRATED / "library_params.yaml"
+    assert mo.CALIBRATED_POPULATION == CALIBRATED / "library_population.yaml"
+    params = load_parameters(extra=[mo.CALIBRATED_PARAMS])
+    spec = load_population(mo.CALIBRATED_POPULATION)
+    post = load_posterior(REPO / "fits/posterior")
+    assert {"blockade_emax_PD1", "blockade_emax_PDL1", "blockade_emax_CTLA4"} <= set(post.draws)
+    for pid, draws in post.draws.items():
+        med = float(np.median(draws))
+        if pid.endswith(".sd"):
+            sd = math.exp(med)
+            assert spec.cv[pid[:-3]] == pytest.approx(math.sqrt(math.expm1(sd * sd)), rel=1e-5), pid
+        else:
+            logit = spec.distributions.get(pid) == "logitnormal"
+            natural = 1.0 / (1.0 + math.exp(-med)) if logit else math.exp(med)
+            assert params.values[pid] == pytest.approx(natural, rel=1e-9), pid
+
+
+def test_report_library_route_is_consistent(report):
+    from qspjax.data.trials import load_trials
+    from qspjax.inference.crossval import trial_of
+
+    trials = load_trials()
+    lr = report["library_route"]
+    for role in ("fitted", "cross_validated"):
+        rows = [r for r in lr["arms"] if r["role"] == role]
+        assert lr["summary"][role]["inside_ci"] == sum(r["inside_ci"] for r in rows)
+        assert rows or role == "cross_validated"
+        for r in rows:
+            lo, hi = r["observed_orr_ci_pct"]
+            assert lo <= r["observed_orr_pct"] <= hi
+            assert r["inside_ci"] == (lo <= r["predicted_orr_pct"] <= hi)
+            arm = trials.get_arm(r["id"])
+            counts = (arm.cr_n, arm.pr_n, arm.sd_n, arm.pd_n)
+            k, n = (arm.cr_n + arm.pr_n, sum(counts)) if None not in counts else (arm.responders, arm.n)
+            assert r["observed_orr_pct"] == pytest.approx(100 * k / n)
+            if role == "cross_validated":
+                assert r["held_out_trial"] == trial_of(r["id"])
+    fitted_ids = [r["id"] for r in lr["arms"] if r["role"] == "fitted"]
+    assert set(r["id"] for r in lr["arms"] if r["role"] == "cross_validated") <= set(fitted_ids)

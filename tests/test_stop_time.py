@@ -17,6 +17,10 @@ from qspjax.cli import main
 from conftest import REPO
 
 REGIMEN = REPO / "configs/regimens/nivolumab_240mg_q2w.yaml"
+# the machinery is checked on a fixed model (the first point calibration), whatever the default
+CAL_PARAMS = REPO / "configs/params/calibrated/advanced_params.yaml"
+CAL_POPULATION = REPO / "configs/params/calibrated/advanced_population.yaml"
+MODEL = ["--uncalibrated", "--params-extra", str(CAL_PARAMS), "--population", str(CAL_POPULATION)]
 DAYS, EVERY, FOLLOW_UP, CONFIRM, THRESHOLD = 182.0, 7.0, 56.0, 56.0, 5.0
 N_PATIENTS, SEED = 6, 0
 
@@ -33,7 +37,7 @@ def stop_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("stop") / "run"
     rc = main(["stop-time", "--regimen", str(REGIMEN), "--patients", str(N_PATIENTS), "--seed", str(SEED),
                "--days", str(DAYS), "--output-every", str(EVERY), "--min-follow-up", str(FOLLOW_UP),
-               "--confirm-days", str(CONFIRM), "--chunk", "6", "--out", str(out)])
+               "--confirm-days", str(CONFIRM), "--chunk", "6", "--out", str(out), *MODEL])
     assert rc == 0
     return out, _strict_load(out / "summary.json")
 
@@ -43,7 +47,6 @@ def independent(stop_run):
     """The same cohort, solved by ``treat_population`` under regimens truncated to k and k - 1
     doses for the first patient with a stop after at least two doses, and under the full regimen."""
     from qspjax.analysis.stop_time import StopCriterion, assess_control
-    from qspjax.commands._model_options import CALIBRATED_PARAMS, CALIBRATED_POPULATION
     from qspjax.params import load_parameters
     from qspjax.regimen import load_regimen, parse_regimen
     from qspjax.runner import build_population, treat_population
@@ -54,10 +57,10 @@ def independent(stop_run):
     rows = summary["patients"]
     target = next(r for r in rows if r["stop_after_dose"] is not None and r["stop_after_dose"] >= 2)
     k = target["stop_after_dose"]
-    params = load_parameters(None, [REPO / CALIBRATED_PARAMS])
+    params = load_parameters(None, [CAL_PARAMS])
     config = SolverConfig(rtol=1e-5, atol=1e-8)
     population = build_population(params, N_PATIENTS, SEED, ("nivolumab",),
-                                  spec=load_population(REPO / CALIBRATED_POPULATION), config=config, chunk=6)
+                                  spec=load_population(CAL_POPULATION), config=config, chunk=6)
 
     def truncated(n):
         return parse_regimen({"name": f"nivo-{n}", "ici": [{"drug": "nivolumab", "dose": 240, "unit": "mg",

@@ -139,8 +139,8 @@ def test_trial_of_a_dataset_arm_writes_table_plots_and_published_values(tmp_path
         assert (out / name).stat().st_size > 0
     calibration = json.loads((out / "run.json").read_text())["config"]["calibration"]
     assert calibration["calibrated"] is True  # the default is the shipped calibration
-    assert calibration["parameter_files"][-1] == "configs/params/calibrated/advanced_params.yaml"
-    assert calibration["population_file"] == "configs/params/calibrated/advanced_population.yaml"
+    assert calibration["parameter_files"][-1] == "configs/params/calibrated/library_params.yaml"
+    assert calibration["population_file"] == "configs/params/calibrated/library_population.yaml"
 
 
 def test_trial_with_an_unknown_arm_exits_2_listing_known_ids(tmp_path, capsys):

@@ -24,8 +24,8 @@ smooth RECIST endpoints of :mod:`qspjax.outcomes`, differentiably. Schema::
     description: free text
     model:                                   # all optional; the default is the calibrated model
       params: configs/params/qspio_example1.yaml
-      params_extra: [configs/params/calibrated/advanced_params.yaml]
-      population: configs/params/calibrated/advanced_population.yaml
+      params_extra: [configs/params/calibrated/library_params.yaml]
+      population: configs/params/calibrated/library_population.yaml
       simulator: qsp                         # or kinetics (closed-form surrogate, for tests)
     cohort: {patients: 16, seed: 0}          # one fixed cohort (common random numbers)
     simulation: {days: 400, output_every: 1, rtol: 1.0e-5}
@@ -90,8 +90,8 @@ METHODS = ("sobol", "morris")
 SIMULATORS = ("qsp", "kinetics")
 LESION_NAMES = ("irradiated", "non_irradiated")
 DEFAULT_PARAMS = "configs/params/qspio_example1.yaml"
-DEFAULT_PARAMS_EXTRA = ("configs/params/calibrated/advanced_params.yaml",)
-DEFAULT_POPULATION = "configs/params/calibrated/advanced_population.yaml"
+DEFAULT_PARAMS_EXTRA = ("configs/params/calibrated/library_params.yaml",)
+DEFAULT_POPULATION = "configs/params/calibrated/library_population.yaml"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,9 +4,10 @@ Every command that simulates patients (``simulate``, ``trial``, ``compare``) tak
 options and resolves them the same way:
 
 - nothing given: the shipped calibration, i.e. the main parameter file with
-  ``configs/params/calibrated/advanced_params.yaml`` over it and the population
-  ``configs/params/calibrated/advanced_population.yaml`` (``fits/README.md`` says how they were
-  fitted and to which arms);
+  ``configs/params/calibrated/library_params.yaml`` over it and the population
+  ``configs/params/calibrated/library_population.yaml``: the posterior median of the population
+  posterior fitted by NUTS to every trial arm with outcomes (``fits/README.md`` says how; the
+  first point calibration to 12 arms stays as ``advanced_params.yaml`` / ``advanced_population.yaml``);
 - ``--uncalibrated``: the uncalibrated defaults (``configs/params/qspio_example1.yaml``,
   ``configs/params/population.yaml``), i.e. QSP-IO's published values;
 - an explicit ``--params FILE`` (with or without ``--uncalibrated``): that file alone (a parameter file of one's own is not mixed with
@@ -28,8 +29,8 @@ from qspjax.errors import QSPValidationError
 from qspjax.params import PARAMS_DIR
 
 CALIBRATED_DIR = PARAMS_DIR / "calibrated"
-CALIBRATED_PARAMS = CALIBRATED_DIR / "advanced_params.yaml"
-CALIBRATED_POPULATION = CALIBRATED_DIR / "advanced_population.yaml"
+CALIBRATED_PARAMS = CALIBRATED_DIR / "library_params.yaml"
+CALIBRATED_POPULATION = CALIBRATED_DIR / "library_population.yaml"
 DEFAULT_PARAMS = PARAMS_DIR / "qspio_example1.yaml"
 DEFAULT_POPULATION = PARAMS_DIR / "population.yaml"
 

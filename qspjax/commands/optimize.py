@@ -31,6 +31,13 @@ def register(sub) -> None:
     p.add_argument("--holdout-seed", type=int, default=None, help="seed of the held-out cohort (default --seed + 1)")
     p.add_argument("--experiment", default=None, help=f"standard protocols (default {DEFAULT_EXPERIMENT})")
     p.add_argument("--steps", type=int, default=None, help="ascent iterations (default: the space file's optimizer.steps)")
+    p.add_argument("--posterior", default=None, metavar="DIR",
+                   help="a calibration's posterior (DIR/posterior.nc): the training and held-out cohorts are the "
+                        "patients of --posterior-draws draws pooled (--patients split evenly), so the objective is "
+                        "the posterior expectation (statistic mean) or a lower quantile over the posterior-predictive "
+                        "patients (lower_quantile)")
+    p.add_argument("--posterior-draws", type=int, default=4,
+                   help="posterior draws pooled with --posterior (default 4, evenly spaced over chains)")
     add_model_arguments(p, default_rtol=1e-5)
     p.set_defaults(func=run)
 
@@ -41,6 +48,13 @@ def _check(args) -> None:
         raise QSPValidationError("command line", "--holdout-patients", args.holdout_patients, "must be a positive integer")
     if args.steps is not None and not (0 <= args.steps <= 500):
         raise QSPValidationError("command line", "--steps", args.steps, "must be an integer in [0, 500]")
+    if args.posterior is not None:
+        if not (1 <= args.posterior_draws <= args.patients):
+            raise QSPValidationError("command line", "--posterior-draws", args.posterior_draws,
+                                     f"an integer in [1, --patients = {args.patients}]")
+        if args.holdout_patients is not None and args.holdout_patients < args.posterior_draws:
+            raise QSPValidationError("command line", "--holdout-patients", args.holdout_patients,
+                                     f"at least --posterior-draws = {args.posterior_draws}")
     if args.holdout_seed is not None and args.holdout_seed == args.seed:
         raise QSPValidationError("command line", "--holdout-seed", args.holdout_seed,
                                  "must differ from --seed (the held-out cohort must be other patients)")
@@ -78,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from qspjax.io import prepare_out_dir, provenance
     from qspjax.params import CONFIG_DIR, load_parameters
     from qspjax.regimen import load_regimen
-    from qspjax.runner import build_population, treat_population
+    from qspjax.runner import build_population, concat_populations, treat_population
     from qspjax.solver.simulate import SolverConfig
     from qspjax.virtual_trial import Assessment, evaluate, load_experiment
     from qspjax.vpop import load_population
@@ -89,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
     choice = model_files(args)
     params = load_parameters(choice.main, choice.extra)
     spec = load_population(choice.population)
+    from qspjax.commands.trial import _posterior_models
+
+    draws = _posterior_models(args, params, spec)  # a bad posterior is refused before any compute
     out = prepare_out_dir(args.out, args.overwrite)
     holdout_seed = args.seed + 1 if args.holdout_seed is None else args.holdout_seed
     n_holdout = args.holdout_patients or args.patients
@@ -98,7 +115,17 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     # one growth chunk for both cohorts: one compilation of the pre-treatment growth
     grow_chunk = min(args.chunk, math.ceil(1.25 * min(args.patients, n_holdout)))
-    train = build_population(params, args.patients, args.seed, drugs, spec=spec, config=config, chunk=grow_chunk)
+
+    def cohort(n, seed):
+        """The cohort of the model, or the pooled cohorts of the posterior draws (n split evenly)."""
+        if not draws:
+            return build_population(params, n, seed, drugs, spec=spec, config=config, chunk=grow_chunk)
+        sizes = [len(part) for part in np.array_split(np.arange(n), len(draws))]
+        return concat_populations([build_population(p, k, seed, drugs, spec=s, config=config,
+                                                    chunk=min(grow_chunk, math.ceil(1.25 * k)))
+                                   for (p, s), k in zip(draws, sizes)])
+
+    train = cohort(args.patients, args.seed)
     objective = CohortObjective(space, train, config)
     result = optimize(objective, steps=args.steps, progress=True)
     t_opt = time.perf_counter() - t0
@@ -108,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     regimen = load_regimen(out / "best_regimen.yaml")  # what `qspjax trial --regimen` will read
 
     t1 = time.perf_counter()
-    held = build_population(params, n_holdout, holdout_seed, drugs, spec=spec, config=config, chunk=grow_chunk)
+    held = cohort(n_holdout, holdout_seed)
     assessment = Assessment(space.objective.assessment_interval_days, "all")
     regimens = [regimen] + [p.regimen for p in experiment.protocols]
     results = treat_population(held, regimens, days=space.horizon_days, output_every=space.output_every,
@@ -145,7 +172,9 @@ def run(args: argparse.Namespace) -> int:
                        "optimised_beats_best_standard": bool(diff > 0)},
         "constraints": constraints,
         "cohorts": {"training": {"patients": args.patients, "seed": args.seed, "screening": train.screening},
-                    "heldout": {"patients": n_holdout, "seed": holdout_seed, "screening": held.screening}},
+                    "heldout": {"patients": n_holdout, "seed": holdout_seed, "screening": held.screening},
+                    "posterior": None if not draws else {"path": args.posterior, "draws": len(draws),
+                                                         "note": "each cohort pools the patients of the draws"}},
         "history": result.history,
         "candidates": [{"variables": dict(zip([v.name for v in free], c.x.tolist())),
                         "lesion": space.lesion.choices[c.lesion_index], "objective": c.value,

@@ -53,9 +53,10 @@ def subset_library(library, arm_ids: Sequence[str]):
 
 def cross_validate(library, arms: Sequence, priors, params, spec, key, *, settings=None, chains: int = 4,
                    warmup: int = 300, samples: int = 300, max_tree_depth: int = 8, n_draws: int = 200,
-                   progress=None) -> list[dict]:
+                   progress=None, fixed_ess: dict | None = None, min_ess: float | None = None) -> list[dict]:
     """Leave-one-trial-out predictions of every arm of ``library`` (rows, one per held-out arm
-    with an ORR; role ``cross_validated``). ``arms``: the trial arms of the library, same order."""
+    with an ORR; role ``cross_validated``). ``arms``: the trial arms of the library, same order.
+    ``fixed_ess``: arm id -> the Monte-Carlo size of the fixed term (default: each fold's prior-draw median)."""
     import jax
 
     from qspjax.inference import library as L
@@ -64,7 +65,9 @@ def cross_validate(library, arms: Sequence, priors, params, spec, key, *, settin
     rows: list[dict] = []
     folds = trial_folds(library.arm_ids)
     for k, (trial, train, test) in enumerate(folds):
-        fit = L.LibraryModel(subset_library(library, train), [by_id[a] for a in train], priors, params, spec, settings)
+        m = None if fixed_ess is None else [fixed_ess[a] for a in train]
+        fit = L.LibraryModel(subset_library(library, train), [by_id[a] for a in train], priors, params, spec, settings,
+                             fixed_ess=m, min_ess=min_ess)
         mcmc = L.run_nuts(fit, jax.random.fold_in(key, k), chains=chains, warmup=warmup, samples=samples,
                           max_tree_depth=max_tree_depth)
         draws = L.posterior_matrix(mcmc, fit)

@@ -93,6 +93,7 @@ LIBRARY_FORMAT = 1
 SIDECAR = "library.json"
 ARM_DIR = "arms"
 MC_MODES = ("fixed", "ess", "none")
+SUPPORT_WIDTH = 0.1  # log-ESS width of the support wall (LibraryModel.min_ess): 10 % below costs 0.5 nat
 _ARM_FIELDS = ("log_values", "log_q", "response", "pfs", "solved", "plausible", "steps", "assessment_days",
                "other_log_values")
 
@@ -152,6 +153,60 @@ def default_proposal(template: Problem, widen_sds: float = 0.5, inflate: float =
     return Proposal(names, tuple(loc), tuple(scale))
 
 
+POTENCY_PREFIX = "blockade_emax_"
+
+
+def arm_targets(arm, params: ParameterSet) -> tuple[str, ...]:
+    """The checkpoint targets (PD1, PDL1, CTLA4) of the antibodies an arm doses."""
+    from qspjax.regimen import Regimen, parse_regimen
+
+    regimen = arm.regimen if isinstance(arm.regimen, Regimen) else parse_regimen(arm.regimen, f"{arm.arm_id} regimen")
+    out = []
+    for drug in regimen.drugs:
+        t = params.targets.get(drug)
+        if t is not None and t not in out:
+            out.append(t)
+    return tuple(out)
+
+
+def relevant_parameters(arm, names: Sequence[str], params: ParameterSet) -> np.ndarray:
+    """Which reweighted parameters can change an arm's patients (K,): all but the per-target
+    potencies ``blockade_emax_<target>`` of targets the arm's antibodies do not bind.
+
+    An irrelevant parameter leaves every trajectory of the arm unchanged, so its density ratio is
+    left out of the arm's weights: the weights then use the exact marginal of the proposal over
+    the relevant parameters (independent normals), instead of multiplying in a ratio whose only
+    effect is Monte-Carlo noise (a PD-1 arm's weights would otherwise degrade as the CTLA-4
+    potency moves).
+    """
+    targets = set(arm_targets(arm, params))
+    return np.array([not n.startswith(POTENCY_PREFIX) or n[len(POTENCY_PREFIX):] in targets for n in names])
+
+
+def posterior_proposal(draws: dict, base: Proposal, inflate: float = 1.3) -> Proposal:
+    """A proposal centred on a population posterior: per parameter with draws of its log median
+    (``draws[name]``) and log between-patient sd (``draws[name + '.sd']``), the normal with the
+    mean of the median draws and log-sd ``inflate`` · sqrt(var(median) + s_b²), s_b = exp(mean +
+    sd of the log-sd draws) (the predictive spread of one patient's log value, widened). Parameters
+    without draws keep ``base``'s entries. A library drawn from it keeps far more effective patients
+    near the posterior than one drawn from the broad prior-based proposal."""
+    if not (math.isfinite(inflate) and inflate > 0):
+        raise QSPValidationError("library", "proposal inflate", inflate, "a positive number")
+    loc, scale = list(base.loc), list(base.scale)
+    for i, name in enumerate(base.names):
+        if name not in draws:
+            continue
+        m = np.asarray(draws[name], float)
+        if f"{name}.sd" in draws:
+            ls = np.asarray(draws[f"{name}.sd"], float)
+            s_b = math.exp(float(ls.mean() + ls.std()))
+        else:
+            s_b = base.scale[i]
+        loc[i] = float(m.mean())
+        scale[i] = float(inflate * math.sqrt(float(m.var()) + s_b * s_b))
+    return Proposal(base.names, tuple(loc), tuple(scale))
+
+
 # ---------------------------------------------------------------------------------------------
 # One arm's template problem: schedule, scans and likelihood terms
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +225,57 @@ def arm_template(arm, priors: PriorSet, params: ParameterSet, spec: PopulationSp
     s = dataclasses.replace(settings, horizon_days=float(horizon_days))
     data = arm_data_from_trial(arm, s.horizon_days, endpoints)
     return Problem([data], priors, params, spec, s, simulator="kinetics", virtual_cohort_error=False)
+
+
+RESPONSE_READS = 2  # version of the rule below (libraries built by another rule do not merge)
+
+
+@dataclass(frozen=True)
+class ResponseRead:
+    """How an arm's response is read from a simulated course (days of the regimen grid).
+
+    ``origin_day``: the RECIST baseline (the arm's ``outcome_origin_day``, e.g. PACIFIC's
+    randomisation after chemoradiation; the grid point nearest it); ``read_days``: days after the
+    origin of the reads the best response is taken over (None: every assessment interval to the
+    horizon); ``sd_min_days``: the minimum time for SD."""
+
+    origin_day: float
+    read_days: tuple[float, ...] | None
+    sd_min_days: float
+    rule: str
+
+
+def response_read(arm, output_days) -> ResponseRead:
+    """The response read the trial reports: before surgery when the regimen has surgery (one read
+    at the last grid day before it: a resected tumor has no radiological response; SD allowed at
+    any time, as trials restage just before surgery), at the arm's ``orr_assessment_months`` when
+    printed (one fixed-time read), else the best overall response over scans every interval from
+    the origin (as :mod:`qspjax.virtual_trial` reads a cohort)."""
+    from qspjax.inference.likelihood import DAYS_PER_MONTH
+    from qspjax.outcomes import SD_MIN_DAYS
+    from qspjax.regimen import parse_regimen
+
+    days = np.asarray(output_days, float)
+    origin = float(arm.outcome_origin_day)
+    i0 = int(np.argmin(np.abs(days - origin)))
+    rel = days[i0:] - days[i0]
+    regimen = parse_regimen(arm.regimen, f"{arm.arm_id} regimen")
+    if regimen.surgery:
+        s = min(float(x.day) for x in regimen.surgery) - float(days[i0])
+        before = rel[(rel > 0) & (rel < s)]
+        if before.size:
+            d = float(before.max())
+            return ResponseRead(float(days[i0]), (d,), 0.0,
+                                f"one read {d:g} days after the origin (day {days[i0]:g}), the last grid day before "
+                                f"surgery (day {s + days[i0]:g})")
+    if arm.orr_assessment_months:
+        d = float(arm.orr_assessment_months) * DAYS_PER_MONTH
+        if d <= rel[-1]:
+            return ResponseRead(float(days[i0]), (d,), SD_MIN_DAYS,
+                                f"one fixed-time read {d:g} days after the origin (day {days[i0]:g}), the printed "
+                                f"orr_assessment_months")
+    return ResponseRead(float(days[i0]), None, SD_MIN_DAYS,
+                        f"best overall response over scans every interval from the origin (day {days[i0]:g})")
 
 
 def _arm_seed(seed: int, arm_id: str) -> np.random.Generator:
@@ -218,7 +324,7 @@ def _take(patients: dict, index: np.ndarray) -> dict:
 
 
 def simulate_patients(template: Problem, candidates: dict, n: int, simulator: str = "qsp", chunk: int = 16,
-                      progress=None) -> tuple[dict, dict]:
+                      progress=None, read: ResponseRead | None = None) -> tuple[dict, dict]:
     """The first ``n`` plausible patients of ``candidates`` and their smooth RECIST outcomes under the
     template's arm: (patients, outcomes), numpy arrays.
 
@@ -240,6 +346,14 @@ def simulate_patients(template: Problem, candidates: dict, n: int, simulator: st
     s = template.settings
     schedule = jax.tree_util.tree_map(lambda x: x[0], template.schedules)
     kw = dict(temperature=s.temperature, assessment_interval_days=s.assessment_interval_days)
+    grid = np.asarray(template.output_days, float)  # (not `days`: the growth loop below has its own)
+    if read is None:  # best response from day 0 (the first rule)
+        i0, read_kw = 0, {}
+    else:
+        i0 = int(np.argmin(np.abs(grid - read.origin_day)))
+        read_kw = {"sd_min_days": read.sd_min_days}
+        if read.read_days is not None:
+            read_kw["assessment_days"] = np.asarray(read.read_days, float)
     pool = len(candidates["log_q"])
     if simulator not in ("qsp", "kinetics"):
         raise QSPValidationError("library", "simulator", simulator, "allowed values are ['qsp', 'kinetics']")
@@ -295,7 +409,8 @@ def simulate_patients(template: Problem, candidates: dict, n: int, simulator: st
             diam_mm, ok = sim.arm(sim.prepare(values, {k: jnp.asarray(v) for k, v in p["baseline"].items()}), schedule)
             ok, steps = np.asarray(ok), np.zeros(chunk, int)
         okj = jnp.asarray(ok)
-        probs = soft_best_response_probabilities(template.output_days, diam_mm, template.target_mask, okj, **kw)
+        probs = soft_best_response_probabilities(grid[i0:], diam_mm[..., i0:], template.target_mask, okj,
+                                                 **kw, **read_kw)
         pf = soft_progression_free_probability(template.output_days, diam_mm, template.assessment_days,
                                                template.target_mask, okj, death_rate_per_day=s.death_rate_per_day, **kw)
         out["response"].append(np.asarray(probs)[:m])
@@ -409,7 +524,9 @@ def _settings_key(meta: dict) -> str:
     from qspjax.io import strict_json_dumps
 
     keep = {k: meta[k] for k in ("seed", "patients_per_arm", "horizon_cap_days", "likelihood", "proposal", "screen_factor",
-                                 "simulator", "priors", "params", "population", "format")}
+                                 "simulator", "priors", "params", "population", "format") if k in meta}
+    if "response_reads" in meta:
+        keep["response_reads"] = meta["response_reads"]
     return f"{zlib.crc32(strict_json_dumps(keep, sort_keys=True).encode()):08x}"
 
 
@@ -432,7 +549,7 @@ def build_library(out: str | Path, arms: Sequence, priors: PriorSet, params: Par
             "likelihood": dataclasses.asdict(settings) | {"target_lesions": list(settings.target_lesions)},
             "proposal": proposal.as_dict(), "priors": priors.path, "endpoints": list(endpoints),
             "params": (record or {}).get("params"), "population": (record or {}).get("population"),
-            "arm_ids": [a.arm_id for a in arms]}
+            "arm_ids": [a.arm_id for a in arms], "response_reads": RESPONSE_READS}
     key = _settings_key(meta)
     meta["settings_key"] = key
     meta["record"] = record or {}
@@ -463,17 +580,21 @@ def build_library(out: str | Path, arms: Sequence, priors: PriorSet, params: Par
             if progress:
                 print(f"[{_i + 1}/{len(arms)}] {_arm}: {what}, {time.perf_counter() - _t0:.0f} s", flush=True)
 
-        drawn, sim = simulate_patients(template, candidates, patients, simulator, chunk, report)
+        read = response_read(arm, template.output_days)
+        drawn, sim = simulate_patients(template, candidates, patients, simulator, chunk, report, read)
         wall = time.perf_counter() - t0
         lib = ArmLibrary(arm.arm_id, horizon, drawn["log_values"], drawn["log_q"], sim["response"], sim["pfs"],
                          sim["solved"], sim["plausible"], sim["steps"], np.asarray(template.assessment_days),
                          drawn["other_log_values"])
-        lib.meta = _arm_meta(lib, wall, None) | {"screening": sim["screening"]}
+        lib.meta = _arm_meta(lib, wall, None) | {"screening": sim["screening"], "response_read": read.rule}
         _write_arm(path, lib, key, lib.meta)
         libs.append(lib)
         meta["arms"][arm.arm_id] = lib.meta
         meta["wall_s"] = time.perf_counter() - t_all
         atomic_write_json(sidecar, meta)
+        # every arm compiles its own solver shapes; a long run that keeps them all dies of LLVM's
+        # "Cannot allocate memory" at the memory-map limit (benchmarks/all_arms.py does the same)
+        jax.clear_caches()
         if progress:
             print(f"[{i + 1}/{len(arms)}] {arm.arm_id}: {len(lib)} patients in {wall:.0f} s "
                   f"({len(lib) / max(wall, 1e-9):.3f} patients/s), usable {int(lib.usable.sum())}, "
@@ -531,7 +652,7 @@ def load_library(directory: str | Path | Sequence[str | Path], arm_ids: Sequence
 
 
 _MERGE_SAME = ("format", "proposal", "likelihood", "horizon_cap_days", "simulator", "screen_factor", "priors",
-               "params", "population", "endpoints")
+               "params", "population", "endpoints", "response_reads")
 
 
 def merge_libraries(parts: Sequence[Library]) -> Library:
@@ -585,6 +706,9 @@ def self_normalised_weights(log_p, log_q, usable) -> jax.Array:
     return jax.nn.softmax(log_w)
 
 
+_TEMPLATES: dict = {}  # one-arm templates by arm and the objects they were built from (see LibraryModel)
+
+
 class LibraryModel:
     """The reweighted likelihood of a library's arms, with priors: what NUTS samples.
 
@@ -596,7 +720,8 @@ class LibraryModel:
 
     def __init__(self, library: Library, arms: Sequence, priors: PriorSet, params: ParameterSet,
                  spec: PopulationSpec, settings: LikelihoodSettings | None = None, mc_error: str | bool = "fixed",
-                 endpoints: Sequence[str] | None = None, prior_ess_draws: int = 256):
+                 endpoints: Sequence[str] | None = None, prior_ess_draws: int = 256, fixed_ess=None,
+                 min_ess: float | None = None):
         if tuple(a.arm_id for a in arms) != library.arm_ids:
             raise QSPValidationError(library.path or "library", "arm_ids", list(library.arm_ids),
                                      f"the arms asked for, in order: {[a.arm_id for a in arms]}")
@@ -619,7 +744,11 @@ class LibraryModel:
         self.names = names
         self.templates = []
         for arm, lib in zip(arms, library.arms):
-            t = arm_template(arm, priors, params, spec, settings, lib.horizon_days, endpoints)
+            key = (arm.arm_id, lib.horizon_days, id(arm), id(priors), id(params), id(spec), settings, endpoints)
+            if key not in _TEMPLATES:  # building a template compiles its schedule: cross-validation reuses them
+                # the arm is kept with its template, so its id() cannot be reused while the entry exists
+                _TEMPLATES[key] = (arm, arm_template(arm, priors, params, spec, settings, lib.horizon_days, endpoints))
+            t = _TEMPLATES[key][1]
             if len(t.assessment_days) != lib.pfs.shape[1] or not np.allclose(t.assessment_days, lib.assessment_days):
                 raise QSPValidationError(library.path or "library", f"arms.{lib.arm_id}.assessment_days",
                                          list(lib.assessment_days), f"the scans of the settings: {list(t.assessment_days)}")
@@ -635,12 +764,33 @@ class LibraryModel:
         self.sd_index = np.array([ids.index(f"{n}.sd") if f"{n}.sd" in ids else -1 for n in names])
         self.nominal_loc = np.array([float(self.ref.nominal.loc[n]) for n in names])
         self.nominal_log_sd = np.array([float(self.ref.nominal.log_sd[n]) for n in names])
-        self._arrays = [(jnp.asarray(lib.log_values), jnp.asarray(lib.log_q), jnp.asarray(lib.usable),
-                         jnp.asarray(lib.response), jnp.asarray(lib.pfs)) for lib in library.arms]
+        # per patient and parameter log q (the proposal is a product of normals), and which
+        # parameters enter each arm's weights (relevant_parameters)
+        loc_q, scale_q = np.asarray(proposal.loc), np.asarray(proposal.scale)
+        self.relevance = np.stack([relevant_parameters(a, names, params) for a in arms])
+        self._arrays = [(jnp.asarray(lib.log_values),
+                         jnp.asarray(-0.5 * ((lib.log_values - loc_q) / scale_q) ** 2 - np.log(scale_q)
+                                     - 0.5 * math.log(2 * math.pi)),
+                         jnp.asarray(lib.usable), jnp.asarray(lib.response), jnp.asarray(lib.pfs)) for lib in library.arms]
         self._data_sizes = [self._sizes(t) for t in self.templates]
         self.predict = jax.jit(self._predict)
+        if min_ess is not None and not (math.isfinite(min_ess) and min_ess >= 1.0):
+            raise QSPValidationError("library model", "min_ess", min_ess, "a number of effective patients >= 1")
+        # Support of the reweighted likelihood: with a fixed Monte-Carlo size M per arm, a theta
+        # where one or two library patients carry an arm (Kish ESS ~1) would be scored as if it
+        # were predicted by M patients; NUTS then finds such corners (their predictions are 0/1)
+        # and the chains stop mixing. min_ess walls them off (support_log_penalty).
+        self.min_ess = min_ess
         self.fixed_ess = None
-        if self.mc_error == "fixed":
+        self.fixed_ess_source = None
+        if self.mc_error == "fixed" and fixed_ess is not None:
+            m = np.asarray(fixed_ess, float)
+            if m.shape != (len(self.arms),) or not np.all(np.isfinite(m)) or np.any(m < 1.0):
+                raise QSPValidationError("library model", "fixed_ess", fixed_ess,
+                                         f"one Monte-Carlo size >= 1 per arm ({len(self.arms)})")
+            self.fixed_ess, self.fixed_ess_source = m, "given"
+        elif self.mc_error == "fixed":
+            self.fixed_ess_source = f"median Kish ESS over {prior_ess_draws} prior draws"
             draws = jnp.asarray(self.sample_prior(jax.random.PRNGKey(0), prior_ess_draws))
             ess = jax.jit(jax.vmap(lambda th: jnp.stack([e for _, e in self._predict(th)])))(draws)
             self.fixed_ess = np.median(np.asarray(ess), axis=0)
@@ -678,8 +828,12 @@ class LibraryModel:
     def weights(self, theta) -> list[jax.Array]:
         """Self-normalised weights of each arm's patients at ``theta``."""
         loc, log_sd = self._loc_log_sd(theta)
-        return [self_normalised_weights(log_target_density(x, loc, log_sd), lq, ok)
-                for x, lq, ok, _, _ in self._arrays]
+        out = []
+        for (x, lq, ok, _, _), mask in zip(self._arrays, self.relevance):
+            z = (x - loc) / jnp.exp(log_sd)
+            log_ratio = -0.5 * z * z - log_sd - 0.5 * math.log(2 * math.pi) - lq
+            out.append(self_normalised_weights(jnp.sum(jnp.where(jnp.asarray(mask), log_ratio, 0.0), -1), 0.0, ok))
+        return out
 
     # -- predictions ----------------------------------------------------------------------------
     def _predict(self, theta) -> tuple[tuple[Prediction, jax.Array], ...]:
@@ -693,6 +847,15 @@ class LibraryModel:
     def ess(self, theta) -> np.ndarray:
         """Kish ESS of each arm's weights at ``theta`` (A,)."""
         return np.array([float(e) for _, e in self.predict(jnp.asarray(theta))])
+
+    def median_ess(self, draws, n: int = 256) -> np.ndarray:
+        """Median over ``n`` evenly spaced rows of ``draws`` (D, len(ids)) of each arm's Kish ESS (A,):
+        the Monte-Carlo size of the reweighted cohorts where a posterior puts its mass (``fixed_ess``
+        of a second, final run)."""
+        draws = np.asarray(draws, float)
+        idx = np.unique(np.linspace(0, len(draws) - 1, min(n, len(draws))).round().astype(int))
+        ess = jax.jit(jax.vmap(lambda th: jnp.stack([e for _, e in self._predict(th)])))(jnp.asarray(draws[idx]))
+        return np.median(np.asarray(ess), axis=0)
 
     # -- data and likelihood -----------------------------------------------------------------------
     @staticmethod
@@ -773,8 +936,18 @@ class LibraryModel:
     def _log_likelihood(self, theta):
         return jnp.sum(self.arm_log_likelihoods(self._predict(theta)))
 
+    def support_log_penalty(self, theta) -> jax.Array:
+        """0 where every arm's weights keep at least ``min_ess`` effective patients, else a steep
+        half-normal wall in log ESS (width ``SUPPORT_WIDTH``): the posterior restricted to where the
+        library supports the reweighted likelihood (see :attr:`min_ess`)."""
+        if self.min_ess is None:
+            return jnp.asarray(0.0)
+        log_ess = jnp.log(jnp.stack([e for _, e in self._predict(theta)]))
+        short = jnp.maximum(math.log(self.min_ess) - log_ess, 0.0) / SUPPORT_WIDTH
+        return -0.5 * jnp.sum(short * short)
+
     def _log_posterior(self, theta):
-        return self._log_prior(theta) + self._log_likelihood(theta)
+        return self._log_prior(theta) + self._log_likelihood(theta) + self.support_log_penalty(theta)
 
     def simulate_data(self, theta, rng: np.random.Generator) -> tuple[dict, ...]:
         """One data set at ``theta`` from the model the likelihood scores: per term, a count of
@@ -816,6 +989,8 @@ def numpyro_model(model: LibraryModel) -> None:
     mu, sd = model.prior_means(), model.prior_sds()
     theta = jnp.stack([numpyro.sample(pid, dist.Normal(float(m), float(s))) for pid, m, s in zip(model.ids, mu, sd)])
     numpyro.factor("log_likelihood", model.log_likelihood(theta))
+    if model.min_ess is not None:
+        numpyro.factor("library_support", model.support_log_penalty(theta))
 
 
 def run_nuts(model: LibraryModel, key, chains: int = 4, warmup: int = 500, samples: int = 500,
@@ -894,6 +1069,59 @@ def predictive_table(model: LibraryModel, draws: np.ndarray, n_draws: int = 200,
     return rows
 
 
+def endpoint_table(model: LibraryModel, draws: np.ndarray, n_draws: int = 200, level: float = 0.95) -> list[dict]:
+    """Per arm, the endpoints besides ORR: complete response (observed CR of the evaluated patients
+    and its exact CI against the predicted reweighted CR rate) and every PFS point the likelihood
+    scores (observed progression-free fraction against the predicted curve read as the likelihood
+    reads it, :meth:`Problem.landmark_pfs`). Observed PFS intervals are exact binomial of the
+    printed fraction of N: they ignore censoring, so they are somewhat narrower than the trials'.
+    Predicted: median and ``level`` interval over posterior draws (parameter uncertainty only)."""
+    from qspjax.inference.likelihood import DAYS_PER_MONTH
+    from qspjax.outcomes import binomial_ci
+
+    idx = np.unique(np.linspace(0, len(draws) - 1, min(n_draws, len(draws))).round().astype(int))
+    preds = [model.predict(jnp.asarray(draws[j])) for j in idx]
+    q = [100 * (1 - level) / 2, 50, 100 * (1 + level) / 2]
+    rows = []
+    for i, (a, t) in enumerate(zip(model.arms, model.templates)):
+        row: dict = {"arm_id": a.arm_id, "cr": None, "pfs": []}
+        if a.response_counts is not None:
+            n = int(sum(a.response_counts))
+            k = int(a.response_counts[0])
+            lo, hi = binomial_ci(k, n, level)
+            cr = np.array([100 * float(p[i][0].response[0, 0]) for p in preds])
+            c_lo, c_med, c_hi = np.percentile(cr, q)
+            row["cr"] = {"observed_pct": 100 * k / n, "observed_ci": [100 * lo, 100 * hi], "predicted_pct": float(c_med),
+                         "predicted_interval": [float(c_lo), float(c_hi)], "inside_ci": bool(100 * lo <= c_med <= 100 * hi)}
+        if len(a.pfs_days):
+            curves = np.array([np.asarray(t.landmark_pfs(p[i][0], 0)) for p in preds]) * 100
+            landmark_months = {round(m, 6) for e, m, _ in a.observed.get("landmarks", []) if e == "pfs"}
+            for j, (day, k) in enumerate(zip(a.pfs_days, a.pfs_progression_free)):
+                lo, hi = binomial_ci(int(k), int(a.n), level)
+                p_lo, p_med, p_hi = np.percentile(curves[:, j], q)
+                months = day / DAYS_PER_MONTH
+                row["pfs"].append({"day": float(day), "months": float(months),
+                                   "kind": "landmark" if round(months, 6) in landmark_months else "median",
+                                   "observed_pct": 100 * k / a.n, "observed_ci": [100 * lo, 100 * hi],
+                                   "predicted_pct": float(p_med), "predicted_interval": [float(p_lo), float(p_hi)],
+                                   "inside_ci": bool(100 * lo <= p_med <= 100 * hi)})
+        rows.append(row)
+    return rows
+
+
+def endpoint_tally(rows: Sequence[dict]) -> dict:
+    """How many arms have predicted CR / 6- and 12-month PFS inside the observed CI (an arm counts
+    for PFS when every 6/12-month landmark it reports is inside)."""
+    cr = [r["cr"]["inside_ci"] for r in rows if r["cr"] is not None]
+    pfs = []
+    for r in rows:
+        pts = [p for p in r["pfs"] if p["kind"] == "landmark" and min(abs(p["months"] - 6), abs(p["months"] - 12)) < 0.1]
+        if pts:
+            pfs.append(all(p["inside_ci"] for p in pts))
+    return {"cr": {"arms": len(cr), "inside_ci": int(sum(cr))},
+            "pfs_6_12_months": {"arms": len(pfs), "inside_ci": int(sum(pfs))}}
+
+
 def write_posterior(out: str | Path, mcmc, model: LibraryModel, prov: dict, extra: dict | None = None,
                     check_draws: int = 200) -> dict:
     """``posterior.nc`` (ArviZ InferenceData), ``summary.json`` and ``run.json``, atomically; the
@@ -910,6 +1138,8 @@ def write_posterior(out: str | Path, mcmc, model: LibraryModel, prov: dict, extr
     summary = summarise(mcmc, model, check_draws)
     summary["predictive_orr"] = predictive_table(model, posterior_matrix(mcmc, model), check_draws)
     summary["orr_inside_observed_ci"] = int(sum(r["predicted_inside_observed_ci"] for r in summary["predictive_orr"]))
+    summary["predictive_endpoints"] = endpoint_table(model, posterior_matrix(mcmc, model), check_draws)
+    summary["endpoints_inside_observed_ci"] = endpoint_tally(summary["predictive_endpoints"])
     summary.update(extra or {})
     atomic_write_json(out / "summary.json", summary)
     atomic_write_json(out / "run.json", prov)
