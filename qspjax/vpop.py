@@ -123,7 +123,9 @@ def load_population(path: str | Path | None = None) -> PopulationSpec:
                                      f"{name} is at most {specs[name].upper:g}: use logitnormal (a lognormal draw can exceed it)")
         if "cv" not in entry:
             raise QSPValidationError(path, f"{where}.cv", None, "required field is missing")
-        dists[name], cvs[name] = dist, number(f"{where}.cv", entry["cv"], 0.0, 10.0)
+        # cv up to 1000 (a log-scale sd up to ~3.7): a calibrated spread can be that wide (fits/README.md:
+        # the growth rate's posterior median spread is cv ~31, sd 2.6 on the log scale)
+        dists[name], cvs[name] = dist, number(f"{where}.cv", entry["cv"], 0.0, 1000.0)
     base = mapping("baseline", doc.get("baseline"), ("diameter_cm", "second_lesion_ratio", "pdl1_tps"))
     diam = mapping("baseline.diameter_cm", base.get("diameter_cm"), ("median", "cv", "min", "max", "source"))
     second = mapping("baseline.second_lesion_ratio", base.get("second_lesion_ratio"), ("median", "cv", "source"))

@@ -224,7 +224,7 @@ POPULATION_CASES = {
                                 "unknown key"),
     "missing_cv": (lambda d: d["variability"]["k_T1"].pop("cv"), "variability.k_T1.cv", "required"),
     "cv_of_wrong_type": (lambda d: d["variability"]["k_T1"].update(cv="high"), "variability.k_T1.cv", "a number"),
-    "cv_negative": (lambda d: d["variability"]["k_T1"].update(cv=-0.1), "variability.k_T1.cv", "[0, 10)"),
+    "cv_negative": (lambda d: d["variability"]["k_T1"].update(cv=-0.1), "variability.k_T1.cv", "[0, 1000)"),
     "unknown_distribution": (lambda d: d["variability"]["k_T1"].update(distribution="normal"),
                              "variability.k_T1.distribution", "lognormal"),
     "baseline_key_typo": (lambda d: d["baseline"].update(diameter_mm=d["baseline"].pop("diameter_cm")),
