@@ -46,7 +46,7 @@ def test_extra_files_go_over_the_calibration_and_population_replaces_it(tmp_path
     assert choice.calibrated and choice.extra == (mo.CALIBRATED_PARAMS, extra) and choice.population == pop
     record = choice.record()
     assert record["parameter_files"] == ["configs/params/qspio_example1.yaml",
-                                         "configs/params/calibrated/advanced_params.yaml", str(extra)]
+                                         "configs/params/calibrated/library_params.yaml", str(extra)]
     assert record["population_file"] == str(pop)
 
 

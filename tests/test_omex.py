@@ -85,6 +85,7 @@ def test_the_sedml_parses_and_describes_the_reference_time_course_of_the_sbml(ar
     assert report.isSedReport() and report.getNumDataSets() == 15
 
 
+@pytest.mark.slow  # ~40 s; the SBML export is checked against libRoadRunner by a default test (test_sbml.py)
 def test_the_archive_run_in_roadrunner_matches_qspjax_on_every_observable(archive, params):
     pytest.importorskip("roadrunner", reason="libroadrunner (test extra) is not installed")
     import jax
