@@ -10,6 +10,7 @@ from qspjax.regimen import compile_schedule, parse_regimen
 from qspjax.solver.simulate import STATUS_OK, SolverConfig, simulate_batch
 
 
+@pytest.mark.slow  # ~75 s; the lane queue (the default batch path) has its own step-budget tests in test_simulate.py
 def test_a_segment_that_outgrows_max_steps_is_continued_to_the_same_solution(reference_model, reference_state):
     models = jax.tree_util.tree_map(lambda x: x[None], reference_model)
     y0 = jax.tree_util.tree_map(lambda x: x[None], reference_state)
