@@ -693,11 +693,15 @@ def kish_ess(weights) -> jax.Array:
     return jnp.sum(w, -1) ** 2 / jnp.maximum(jnp.sum(w * w, -1), 1e-300)
 
 
+def log_normal_terms(log_values, loc, log_sd):
+    """Per-parameter log densities (L, K) of rows ``log_values`` under independent normals (K,)."""
+    z = (log_values - loc) / jnp.exp(log_sd)
+    return -0.5 * z * z - log_sd - 0.5 * math.log(2 * math.pi)
+
+
 def log_target_density(log_values, loc, log_sd) -> jax.Array:
     """log p(x | theta) of rows ``log_values`` (L, K) under independent normals (K,) on the log scale."""
-    sd = jnp.exp(log_sd)
-    z = (log_values - loc) / sd
-    return jnp.sum(-0.5 * z * z - log_sd - 0.5 * math.log(2 * math.pi), axis=-1)
+    return jnp.sum(log_normal_terms(log_values, loc, log_sd), axis=-1)
 
 
 def self_normalised_weights(log_p, log_q, usable) -> jax.Array:
@@ -769,8 +773,7 @@ class LibraryModel:
         loc_q, scale_q = np.asarray(proposal.loc), np.asarray(proposal.scale)
         self.relevance = np.stack([relevant_parameters(a, names, params) for a in arms])
         self._arrays = [(jnp.asarray(lib.log_values),
-                         jnp.asarray(-0.5 * ((lib.log_values - loc_q) / scale_q) ** 2 - np.log(scale_q)
-                                     - 0.5 * math.log(2 * math.pi)),
+                         log_normal_terms(jnp.asarray(lib.log_values), jnp.asarray(loc_q), jnp.log(scale_q)),
                          jnp.asarray(lib.usable), jnp.asarray(lib.response), jnp.asarray(lib.pfs)) for lib in library.arms]
         self._data_sizes = [self._sizes(t) for t in self.templates]
         self.predict = jax.jit(self._predict)
@@ -830,8 +833,7 @@ class LibraryModel:
         loc, log_sd = self._loc_log_sd(theta)
         out = []
         for (x, lq, ok, _, _), mask in zip(self._arrays, self.relevance):
-            z = (x - loc) / jnp.exp(log_sd)
-            log_ratio = -0.5 * z * z - log_sd - 0.5 * math.log(2 * math.pi) - lq
+            log_ratio = log_normal_terms(x, loc, log_sd) - lq
             out.append(self_normalised_weights(jnp.sum(jnp.where(jnp.asarray(mask), log_ratio, 0.0), -1), 0.0, ok))
         return out
 
