@@ -86,22 +86,28 @@ def _setup(args):
 
 
 def _arms_with_outcomes(trials, endpoints, horizon_cap) -> tuple[str, ...]:
-    """Every arm with a response count, responders of N or a PFS point inside its simulated days."""
-    from qspjax.inference.library import arm_horizon
+    """Every arm with a response count, responders of N, a PFS point inside its simulated days, or
+    pCR and MPR rates (read at surgery)."""
+    from qspjax.inference.library import arm_horizon, reports_pathology
     from qspjax.inference.likelihood import arm_data_from_trial
 
     out = []
     for arm in trials.arms:
         d = arm_data_from_trial(arm, arm_horizon(arm, horizon_cap), endpoints)
-        if d.response_counts is not None or d.responders is not None or len(d.pfs_days):
+        if d.response_counts is not None or d.responders is not None or len(d.pfs_days) or reports_pathology(arm):
             out.append(arm.arm_id)
     return tuple(out)
 
 
 def _proposal(args, arms, priors, params, spec, settings, endpoints):
-    """None (the prior-based default) or, with ``--proposal-from``, one centred on that posterior."""
+    """None (the prior-based default) or, with ``--proposal-from``, one centred on that posterior, or
+    the very proposal of that library (a folder with ``library.json``: to add arms to it or rebuild some)."""
     if not args.proposal_from:
         return None
+    if (Path(args.proposal_from) / "library.json").is_file():
+        from qspjax.inference.library import load_library
+
+        return load_library(args.proposal_from, []).proposal()
     from qspjax.inference.library import arm_horizon, arm_template, default_proposal, posterior_proposal
     from qspjax.inference.predictive import load_posterior
 
@@ -115,7 +121,9 @@ def build(args) -> dict:
     params, spec, priors, arms, settings, endpoints, record = _setup(args)
     proposal = _proposal(args, arms, priors, params, spec, settings, endpoints)
     if args.proposal_from:
-        record = record | {"proposal_from": str(args.proposal_from), "proposal_inflate": args.proposal_inflate}
+        reused = (Path(args.proposal_from) / "library.json").is_file()  # a library's own proposal, as is
+        record = record | {"proposal_from": str(args.proposal_from),
+                           "proposal_inflate": None if reused else args.proposal_inflate}
     print(f"library: {len(arms)} arm(s) x {args.patients} patients, horizon cap {args.horizon_cap} d, "
           f"simulator {args.simulator}, seed {args.seed} -> {args.out}", flush=True)
     lib = build_library(args.out, arms, priors, params, spec, settings, args.patients, args.seed,
@@ -218,9 +226,17 @@ def sbc(args) -> dict:
 
     model, record = _model(args)
     out = prepare_out_dir(args.out, overwrite=True)
+    init = None
+    if model.min_ess is not None and (Path(args.posterior_dir) / "posterior.nc").is_file():
+        # the walled prior's chain starts inside the support: at the shipped posterior's mean
+        from qspjax.inference.predictive import load_posterior
+
+        draws = load_posterior(args.posterior_dir).draws
+        if set(model.ids) <= set(draws):
+            init = [float(draws[k].mean()) for k in model.ids]
     result = run_sbc(model, args.sbc, jax.random.PRNGKey(args.seed), warmup=args.warmup, samples=args.samples,
                      thin=args.thin, target_accept=args.target_accept, max_tree_depth=args.max_tree_depth,
-                     progress=not args.quiet)
+                     progress=not args.quiet, init=init)
     tests = uniformity(result.ranks, result.n_draws, bins=args.bins, alpha=0.01, seed=args.seed)
     summary = result_json(result, tests)
     summary["route"] = "importance reweighting of a simulated library (qspjax.inference.library)"
@@ -254,7 +270,12 @@ def crossval(args) -> dict:
     rows = cross_validate(lib, arms, priors, params, spec, jax.random.PRNGKey(args.seed), chains=args.chains,
                           warmup=args.warmup, samples=args.samples, max_tree_depth=args.max_tree_depth,
                           progress=None if args.quiet else (lambda m: print(m, flush=True)), fixed_ess=fixed,
-                          min_ess=args.min_ess)
+                          min_ess=args.min_ess,
+                          on_fold=lambda rows, done, total: atomic_write_json(
+                              out / "crossval.partial.json",
+                              {"folds_done": done, "folds": total, "summary": tally(rows), "arms": rows,
+                               "wall_s": time.perf_counter() - t0}))
+    (out / "crossval.partial.json").unlink(missing_ok=True)
     doc = {"route": "leave-one-trial-out on the importance-reweighted library (qspjax/inference/crossval.py)",
            "summary": tally(rows), "arms": rows, "wall_s": time.perf_counter() - t0,
            "provenance": provenance(config=vars(args) | {"model": record}, seed=args.seed)}
@@ -288,15 +309,21 @@ def write_report(args) -> dict:
         rows.append({"id": r["arm_id"], "role": "fitted", "observed_orr_pct": r["observed_orr_pct"],
                      "observed_orr_ci_pct": r["observed_ci"], "predicted_orr_pct": r["predicted_orr_pct"],
                      "predicted_interval_pct": r["predicted_interval"], "inside_ci": r["predicted_inside_observed_ci"],
-                     "cr": e.get("cr"), "pfs": e.get("pfs", [])})
+                     "cr": e.get("cr"), "pfs": e.get("pfs", []), "pathology": e.get("pathology")})
+    with_orr = {r["id"] for r in rows}
+    for arm_id, e in endpoints.items():  # arms fitted on pathology alone (no ORR printed)
+        if arm_id not in with_orr and e.get("pathology"):
+            rows.append({"id": arm_id, "role": "fitted", "observed_orr_pct": None, "observed_orr_ci_pct": None,
+                         "predicted_orr_pct": None, "predicted_interval_pct": None, "inside_ci": None,
+                         "cr": e.get("cr"), "pfs": e.get("pfs", []), "pathology": e["pathology"]})
     rows += cv["arms"]
-    fitted = [r for r in rows if r["role"] == "fitted"]
+    fitted = [r for r in rows if r["role"] == "fitted" and r["inside_ci"] is not None]
     crossed = [r for r in rows if r["role"] == "cross_validated"]
     path = Path(args.report)
     doc = json.loads(path.read_text()) if path.is_file() else {}
     doc["library_route"] = {
         "what": (f"posterior by NUTS on the importance-reweighted ODE library ({post}, fits/library.py): in-sample "
-                 f"('fitted') ORR, CR and PFS per arm, and leave-one-trial-out ('cross_validated', "
+                 f"('fitted') ORR, CR, PFS and pCR/MPR per arm, and leave-one-trial-out ('cross_validated', "
                  f"{args.crossval_dir}/crossval.json) ORR; observed intervals exact binomial at 95 %; predicted: "
                  "posterior median of the reweighted cohort mean"),
         "summary": {"fitted": {"arms": len(fitted), "inside_ci": int(sum(r["inside_ci"] for r in fitted))},
@@ -411,12 +438,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--priors", default=DEFAULT_PRIORS)
     p.add_argument("--arms", nargs="*", default=None,
                    help="arm ids (default: the run file's fitted arms; 'all': every arm; 'outcomes': every arm with a "
-                        "response or PFS point inside its simulated days)")
+                        "response or PFS point inside its simulated days, or pCR and MPR)")
     p.add_argument("--params-extra", nargs="*", default=[],
                    help="parameter files applied over the run file's (e.g. configs/params/potency_nominal.yaml)")
     p.add_argument("--population", default=None, help="population file (default: the run file's)")
     p.add_argument("--proposal-from", default=None,
-                   help="build: centre the proposal on this posterior folder's draws (posterior.nc)")
+                   help="build: centre the proposal on this posterior folder's draws (posterior.nc), or reuse "
+                        "this library folder's proposal as is (library.json: to add or rebuild arms)")
     p.add_argument("--proposal-inflate", type=float, default=1.3,
                    help="build: widen the posterior-centred proposal's sds by this factor")
     p.add_argument("--calibrated", action="store_true",
@@ -453,7 +481,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-points", type=int, default=15, help="diagnostics: profile points per side, at most")
     p.add_argument("--write-report", action="store_true",
                    help="write --report's library_route from --posterior-dir and --crossval-dir (no sampling)")
-    p.add_argument("--posterior-dir", default="fits/posterior")
+    p.add_argument("--posterior-dir", default="fits/posterior",
+                   help="--write-report: the posterior to report; --sbc with --min-ess: its mean starts the chain "
+                        "of the walled prior")
     p.add_argument("--crossval-dir", default="fits/crossval", help="'' when no cross-validation was run")
     p.add_argument("--report", default="fits/report.json")
     p.add_argument("--thin", type=int, default=2, help="SBC: keep every thin-th draw")

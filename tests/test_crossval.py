@@ -37,8 +37,11 @@ def test_subset_library_keeps_the_asked_arms_in_order(setup):  # noqa: F811
 def test_cross_validation_predicts_each_trial_from_the_others(setup):  # noqa: F811
     params, spec, priors, arms = setup
     lib = fake_library(setup, n=30)
+    seen = []  # the per-fold hook sees the rows so far (fits/library.py saves them as it goes)
     rows = CV.cross_validate(lib, arms, priors, params, spec, jax.random.PRNGKey(0), settings=SETTINGS,
-                             chains=2, warmup=25, samples=25, max_tree_depth=3, n_draws=10)
+                             chains=2, warmup=25, samples=25, max_tree_depth=3, n_draws=10,
+                             on_fold=lambda so_far, done, total: seen.append((len(so_far), done, total)))
+    assert seen == [(1, 1, 2), (2, 2, 2)]
     assert [r["id"] for r in rows] == list(ARMS)  # two trials: each arm predicted once
     assert [r["held_out_trial"] for r in rows] == [CV.trial_of(a) for a in ARMS]
     for r in rows:

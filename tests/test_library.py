@@ -439,3 +439,117 @@ def test_diagnostics_write_a_waterfall_and_profiles(tmp_path):
     profiles = json.loads((out / "profiles.json").read_text())
     # every profile point is at or above the minimum it is measured from
     assert all(p["max_delta"] >= -1e-6 for p in profiles["parameters"].values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Pathology at surgery (pCR / MPR)
+# ---------------------------------------------------------------------------------------------
+PATH_ARM = "NCT03694236:crt_durva"  # neoadjuvant chemoradiation + durvalumab: pCR 40.7 %, MPR 74.1 %
+
+
+def test_pathology_categories_follow_the_recist_of_pathology():
+    v = np.array([[5e-4, np.nan], [0.05, np.nan], [0.10, np.nan], [0.5, np.nan], [np.nan, np.nan], [1e-4, np.nan],
+                  [1e-4, 0.3]])
+    ok = np.array([True, True, True, True, True, False, True])
+    c = L.pathology_categories(v, ok)
+    np.testing.assert_array_equal(c[:4], [[1, 0, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1]])  # 10 % viable is MPR
+    assert np.isnan(c[4]).all()  # not resected: no category
+    np.testing.assert_array_equal(c[5], [0, 0, 0])  # failed solve: finite, never weighted
+    np.testing.assert_array_equal(c[6], [0, 0, 1])  # two resected lesions: the most viable decides
+
+
+@pytest.fixture(scope="module")
+def path_setup(setup):
+    from qspjax.data import load_trials
+
+    params, spec, priors, arms = setup
+    return params, spec, priors, [load_trials().get_arm(PATH_ARM)]
+
+
+def _with_pathology(lib, rng):
+    """``lib`` with made-up pathology categories that depend on the patients' first log value."""
+    arms = []
+    for a in lib.arms:
+        u = 1.0 / (1.0 + np.exp(-(a.log_values[:, 0] - a.log_values[:, 0].mean())))
+        cat = np.where(u[:, None] > np.array([[0.6, 0.3]]), 1.0, 0.0)
+        path = np.stack([cat[:, 0], cat[:, 1] - cat[:, 0], 1.0 - cat[:, 1]], 1)
+        arms.append(dataclasses.replace(a, pathology=path))
+    return dataclasses.replace(lib, arms=tuple(arms))
+
+
+def test_pathology_term_is_one_multinomial_of_the_reweighted_categories(path_setup, tmp_path):
+    from qspjax.inference.likelihood import multinomial_logpmf
+
+    params, spec, priors, arms = path_setup
+    lib = fake_library(path_setup, n=40, seed=2, arm_ids=(PATH_ARM,))
+    assert lib.arms[0].pathology is None
+    without = L.LibraryModel(lib, arms, priors, params, spec, SETTINGS, fixed_ess=[20.0])
+    assert without.pathology_omitted == [PATH_ARM] and "pathology" not in without.observed_data()[0]
+    lib_p = _with_pathology(lib, np.random.default_rng(0))
+    model = L.LibraryModel(lib_p, arms, priors, params, spec, SETTINGS, fixed_ess=[20.0])
+    assert model.pathology_omitted == []
+    arm = arms[0]
+    n = arm.n
+    k_pcr, k_mpr = math.floor(0.407 * n + 0.5), math.floor(0.741 * n + 0.5)
+    np.testing.assert_allclose(model.observed_data()[0]["pathology"] * n, [k_pcr, k_mpr - k_pcr, n - k_mpr])
+    theta = jnp.asarray(np.asarray(model.prior_means()) + 0.2)
+    w = model.weights(theta)[0]
+    pred = model.predict(theta)[0]
+    np.testing.assert_allclose(np.asarray(pred.pathology), np.asarray(w @ jnp.asarray(lib_p.arms[0].pathology)))
+    assert float(jnp.sum(pred.pathology)) == pytest.approx(1.0)
+    # the arm's log-likelihood gains exactly the multinomial at the Monte-Carlo-limited size
+    m = round(1.0 / (1.0 / n + 1.0 / 20.0))
+    assert model.effective_sizes([None])[0]["pathology_n"] == m
+    counts = np.array([k_pcr, k_mpr - k_pcr, n - k_mpr]) / n * m
+    extra = float(multinomial_logpmf(counts, pred.pathology)) + 2.0 * math.log(m / n)
+    gained = float(model.arm_log_likelihoods(model.predict(theta))[0]
+                   - without.arm_log_likelihoods(without.predict(theta))[0])
+    assert gained == pytest.approx(extra, rel=1e-10)
+    # the gradient flows through the weights into the pathology term
+    g = jax.grad(lambda th: model.log_likelihood(th) - without.log_likelihood(th))(theta)
+    assert np.all(np.isfinite(np.asarray(g))) and float(jnp.abs(g).max()) > 0
+    # simulated data carry the same layout; the endpoint table reads pCR and MPR
+    sim = model.simulate_data(np.asarray(theta), np.random.default_rng(1))[0]
+    assert sim["pathology"].shape == (3,) and sim["pathology"].sum() == pytest.approx(1.0)
+    row = L.endpoint_table(model, np.asarray(theta)[None, :], n_draws=1)[0]
+    assert row["pathology"]["pcr"]["predicted_pct"] == pytest.approx(100 * float(pred.pathology[0]))
+    assert row["pathology"]["mpr"]["predicted_pct"] == pytest.approx(100 * float(pred.pathology[0] + pred.pathology[1]))
+    assert row["pathology"]["pcr"]["observed_pct"] == pytest.approx(100 * k_pcr / n)
+    assert L.endpoint_tally([row])["pcr"]["arms"] == 1
+    # the arm file keeps the categories; a file without them reads as None
+    L._write_arm(tmp_path / "a.npz", lib_p.arms[0], "k")
+    np.testing.assert_array_equal(L._read_arm(tmp_path / "a.npz", PATH_ARM).pathology, lib_p.arms[0].pathology)
+    L._write_arm(tmp_path / "b.npz", lib.arms[0], "k")
+    assert L._read_arm(tmp_path / "b.npz", PATH_ARM).pathology is None
+
+
+def test_walled_model_prior_and_sbc_density_carry_the_wall(setup):
+    """With a min-ESS wall the model's prior is prior x wall: SBC's truths come from it (not from
+    the bare prior, most of whose draws the wall excludes) and its chains sample the same wall."""
+    from qspjax.inference.sbc import log_density, log_support_prior
+
+    params, spec, priors, arms = setup
+    lib = fake_library(setup, n=40, seed=3)
+    free = L.LibraryModel(lib, arms, priors, params, spec, SETTINGS, fixed_ess=[20.0, 20.0])
+    walled = L.LibraryModel(lib, arms, priors, params, spec, SETTINGS, fixed_ess=[20.0, 20.0], min_ess=6.0)
+    theta = jnp.asarray(theta_at_proposal(walled))
+    assert float(log_support_prior(free, theta)) == pytest.approx(float(free._log_prior(theta)))
+    data = jax.tree_util.tree_map(jnp.asarray, walled.observed_data())
+    assert float(log_density(walled, theta + 2.0, data)) == pytest.approx(float(walled.log_posterior(theta + 2.0)))
+    exact, info0 = L.sample_support_prior(free, 5, jax.random.PRNGKey(1))
+    assert info0["sampler"] == "exact prior draws" and exact.shape == (5, len(free.ids))
+
+
+@pytest.mark.slow  # ~40 s: two NUTS compilations
+def test_sbc_of_the_walled_model_runs_inside_the_support(setup):
+    params, spec, priors, arms = setup
+    walled = L.LibraryModel(fake_library(setup, n=40, seed=3), arms, priors, params, spec, SETTINGS, min_ess=6.0)
+    bare = np.asarray(walled.sample_prior(jax.random.PRNGKey(0), 200))
+    inside_bare = np.mean([walled.ess(t).min() >= 6.0 * 0.8 for t in bare])
+    truths, info = L.sample_support_prior(walled, 40, jax.random.PRNGKey(1), warmup=200, thin=4)
+    ess = np.array([walled.ess(t).min() for t in truths])
+    assert info["divergences"] >= 0 and truths.shape == (40, len(walled.ids))
+    assert np.mean(ess >= 6.0 * 0.8) > max(0.9, inside_bare + 0.2)  # the wall holds (10 % soft) where the prior did not
+    result = L.run_sbc(walled, 2, jax.random.PRNGKey(2), warmup=20, samples=20, thin=2, max_tree_depth=4)
+    assert result.ranks.shape == (2, len(walled.ids)) and result.settings["min_ess"] == 6.0
+    assert result.settings["truths"]["sampler"] == "NUTS on prior x support wall"

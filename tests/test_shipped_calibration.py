@@ -88,7 +88,12 @@ def test_report_library_route_is_consistent(report):
     trials = load_trials()
     lr = report["library_route"]
     for role in ("fitted", "cross_validated"):
-        rows = [r for r in lr["arms"] if r["role"] == role]
+        every = [r for r in lr["arms"] if r["role"] == role]
+        for r in every:  # pCR / MPR where scored (an arm may carry them alone, without an ORR)
+            for name, e in (r.get("pathology") or {}).items():
+                assert e["inside_ci"] == (e["observed_ci"][0] <= e["predicted_pct"] <= e["observed_ci"][1]), name
+        assert all(r.get("pathology") for r in every if r["observed_orr_pct"] is None)
+        rows = [r for r in every if r["observed_orr_pct"] is not None]
         assert lr["summary"][role]["inside_ci"] == sum(r["inside_ci"] for r in rows)
         assert rows or role == "cross_validated"
         for r in rows:

@@ -53,10 +53,12 @@ def subset_library(library, arm_ids: Sequence[str]):
 
 def cross_validate(library, arms: Sequence, priors, params, spec, key, *, settings=None, chains: int = 4,
                    warmup: int = 300, samples: int = 300, max_tree_depth: int = 8, n_draws: int = 200,
-                   progress=None, fixed_ess: dict | None = None, min_ess: float | None = None) -> list[dict]:
+                   progress=None, fixed_ess: dict | None = None, min_ess: float | None = None,
+                   on_fold=None) -> list[dict]:
     """Leave-one-trial-out predictions of every arm of ``library`` (rows, one per held-out arm
     with an ORR; role ``cross_validated``). ``arms``: the trial arms of the library, same order.
-    ``fixed_ess``: arm id -> the Monte-Carlo size of the fixed term (default: each fold's prior-draw median)."""
+    ``fixed_ess``: arm id -> the Monte-Carlo size of the fixed term (default: each fold's prior-draw median).
+    ``on_fold(rows, done, total)``: called after each fold with the rows so far (e.g. to save them)."""
     import jax
 
     from qspjax.inference import library as L
@@ -83,6 +85,8 @@ def cross_validate(library, arms: Sequence, priors, params, spec, key, *, settin
         if progress is not None:
             progress(f"fold {k + 1}/{len(folds)}: {trial} held out ({len(test)} arm(s)), "
                      f"R-hat max {diag['fold_rhat_max']:.3f}, divergences {diag['fold_divergences']}")
+        if on_fold is not None:
+            on_fold(rows, k + 1, len(folds))
     return rows
 
 

@@ -11,8 +11,10 @@ same trajectory whatever population it was drawn from. So:
    treated with the arm's regimen (the arm's own drugs, baseline target and follow-up, capped at
    ``horizon_cap_days``). Per patient the library keeps its log parameter values, log q(x), and
    the smooth RECIST outcomes the likelihood uses (:mod:`qspjax.outcomes`): P(CR, PR, SD, PD, NE)
-   and P(progression-free) at each scan. Written per arm (``arms/<arm>.npz``, resumable) with a
-   JSON sidecar (``library.json``: seed, settings, proposal, provenance, per-arm costs).
+   and P(progression-free) at each scan, and where the regimen has surgery the pathology category
+   of the resected lesion (pCR / MPR without pCR / no MPR, :func:`pathology_categories`). Written
+   per arm (``arms/<arm>.npz``, resumable) with a JSON sidecar (``library.json``: seed, settings,
+   proposal, provenance, per-arm costs).
 2. **Reweighting** (:class:`LibraryModel`): for population hyperparameters theta (log medians
    and log between-patient sds of the reweighted parameters), each patient gets the
    self-normalised weight w_i(theta) ∝ p(x_i | theta) / q(x_i) over the arm's usable patients
@@ -26,7 +28,9 @@ same trajectory whatever population it was drawn from. So:
    or binomial responders, the chain of conditional PFS binomials with Greenwood-matched numbers
    at risk, read through :meth:`Problem.landmark_pfs` / :meth:`Problem.pfs_conditionals` of a
    one-arm template problem), with its Monte-Carlo error term 1/n_eff = 1/n_trial + 1/M (times
-   S(start) for a PFS interval, as there). The reweighted cohort is worth M = its Kish effective
+   S(start) for a PFS interval, as there), and for arms that print both pCR and MPR one
+   multinomial of (pCR, MPR without pCR, no MPR) over the arm's N (the same patients, so the two
+   rates are not scored as independent). The reweighted cohort is worth M = its Kish effective
    sample size, ESS = 1 / Σ w_i², not L. ``mc_error`` says which M:
 
    * ``"fixed"`` (default): per arm, the median Kish ESS over 256 prior draws, fixed, and the
@@ -71,7 +75,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +98,15 @@ SIDECAR = "library.json"
 ARM_DIR = "arms"
 MC_MODES = ("fixed", "ess", "none")
 SUPPORT_WIDTH = 0.1  # log-ESS width of the support wall (LibraryModel.min_ess): 10 % below costs 0.5 nat
+class ArmPrediction(NamedTuple):
+    """One arm's reweighted prediction: the cohort :class:`Prediction` (one arm), the weights'
+    Kish ESS, and P(pCR, MPR without pCR, no MPR) at surgery (3,) (None without the pathology term)."""
+
+    prediction: Prediction
+    ess: jax.Array
+    pathology: jax.Array | None = None
+
+
 _ARM_FIELDS = ("log_values", "log_q", "response", "pfs", "solved", "plausible", "steps", "assessment_days",
                "other_log_values")
 
@@ -278,6 +291,29 @@ def response_read(arm, output_days) -> ResponseRead:
                         f"best overall response over scans every interval from the origin (day {days[i0]:g})")
 
 
+def reports_pathology(arm) -> bool:
+    """Whether a trial arm prints both its pCR and its MPR rate (the pathology term needs both)."""
+    return getattr(arm, "pcr_pct", None) is not None and getattr(arm, "mpr_pct", None) is not None
+
+
+def pathology_categories(viable_fraction, status_ok) -> np.ndarray:
+    """Per patient (n, 3) the one-hot pathology category at surgery, from the viable cancer-cell
+    fraction of each lesion (n, L; NaN where not resected): [pCR, MPR without pCR, no MPR], by the
+    rule of :func:`qspjax.outcomes.pathological_response` (pCR: viable fraction < 0.1 %; MPR: <= 10 %
+    viable tumour; the resected lesion with the most viable tumour decides). A patient with no
+    resected lesion or a failed solve gets NaN (when the regimen has surgery, a failed solve is
+    also not usable, so it never enters a weight)."""
+    from qspjax.outcomes import pathological_response
+
+    v = np.asarray(viable_fraction, float)
+    r = pathological_response(v, np.asarray(status_ok, bool))
+    cats = np.stack([r.pcr, r.mpr & ~r.pcr, ~r.mpr], 1).astype(float)
+    resected = np.isfinite(v).any(axis=1) if v.ndim == 2 else np.isfinite(v)
+    cats[~resected] = np.nan
+    cats[resected & ~r.evaluable] = 0.0  # resected but failed: unusable, stored finite
+    return cats
+
+
 def _arm_seed(seed: int, arm_id: str) -> np.random.Generator:
     """Per-arm random stream: depends on the seed and the arm id only (adding arms changes nothing)."""
     return np.random.default_rng([int(seed), zlib.crc32(arm_id.encode())])
@@ -333,7 +369,8 @@ def simulate_patients(template: Problem, candidates: dict, n: int, simulator: st
     ``qspjax trial`` screens its cohorts, until ``n`` pass; only those are treated
     (``simulate.simulate_batch``, chunks padded: one compilation per arm). Both proposal and target
     are then truncated to the plausible set, which self-normalised weights handle exactly.
-    Outcomes: ``response`` (n, 5), ``pfs`` (n, E+1) on ``template.assessment_days``, ``solved`` (n,),
+    Outcomes: ``response`` (n, 5), ``pfs`` (n, E+1) on ``template.assessment_days``, ``pathology``
+    (n, 3) at surgery (:func:`pathology_categories`; None without surgery or with the surrogate), ``solved`` (n,),
     ``plausible`` (n,) (True), ``steps`` (n,) treated-solve steps (0 for the surrogate), and
     ``screening`` (candidates grown, rejected).
     """
@@ -390,7 +427,7 @@ def simulate_patients(template: Problem, candidates: dict, n: int, simulator: st
     patients = _take(candidates, np.asarray(kept))
     # 2. treat them
     chunk = n if simulator != "qsp" else min(chunk, n)
-    out = {k: [] for k in ("response", "pfs", "solved", "steps")}
+    out = {k: [] for k in ("response", "pfs", "solved", "steps", "pathology")}
     for start in range(0, n, chunk):
         index = np.minimum(np.arange(start, start + chunk), n - 1)
         m = min(chunk, n - start)
@@ -403,11 +440,13 @@ def simulate_patients(template: Problem, candidates: dict, n: int, simulator: st
             diam_cm = jax.vmap(lambda mm, ys: diameter_from_volume(jax.vmap(mm.lesion_volume)(ys)))(models, traj.ys)
             diam_mm = 10.0 * jnp.swapaxes(diam_cm, 1, 2)
             steps = np.asarray(traj.num_steps)
+            pathology = pathology_categories(np.asarray(traj.viable_fraction_at_surgery), ok)
         else:
             sim = KineticsSimulator(template.params)
             values = {k: jnp.asarray(v) for k, v in p["values"].items()}
             diam_mm, ok = sim.arm(sim.prepare(values, {k: jnp.asarray(v) for k, v in p["baseline"].items()}), schedule)
             ok, steps = np.asarray(ok), np.zeros(chunk, int)
+            pathology = np.full((chunk, 3), np.nan)  # the surrogate has no surgery
         okj = jnp.asarray(ok)
         probs = soft_best_response_probabilities(grid[i0:], diam_mm[..., i0:], template.target_mask, okj,
                                                  **kw, **read_kw)
@@ -417,6 +456,7 @@ def simulate_patients(template: Problem, candidates: dict, n: int, simulator: st
         out["pfs"].append(np.asarray(pf)[:m])
         out["solved"].append(np.asarray(ok, bool)[:m])
         out["steps"].append(np.asarray(steps)[:m])
+        out["pathology"].append(pathology[:m])
         if progress is not None:
             progress(f"treated {start + m}/{n}")
     res = {k: np.concatenate(v) for k, v in out.items()}
@@ -424,6 +464,8 @@ def simulate_patients(template: Problem, candidates: dict, n: int, simulator: st
     # arm, and its non-finite probabilities are stored as 0 so the arm file stays finite
     res["response"] = np.where(np.isfinite(res["response"]), res["response"], 0.0)
     res["pfs"] = np.where(np.isfinite(res["pfs"]), res["pfs"], 0.0)
+    # pathology only where the regimen resects a lesion (every solved patient then has one)
+    res["pathology"] = res["pathology"] if np.isfinite(res["pathology"]).all() else None
     res["plausible"] = np.ones(n, bool)
     res["screening"] = {"candidates_grown": screened, "rejected": screened - n}
     return patients, res
@@ -449,6 +491,7 @@ class ArmLibrary:
     assessment_days: np.ndarray
     other_log_values: np.ndarray
     meta: dict = dataclasses.field(default_factory=dict)  # cost and screening of the run that built it
+    pathology: np.ndarray | None = None  # (L, 3) pathology_categories at surgery; None: not simulated
 
     @property
     def usable(self) -> np.ndarray:
@@ -483,6 +526,8 @@ def _write_arm(path: Path, arm: ArmLibrary, settings_key: str, arm_meta: dict | 
     from qspjax.io import atomic_write, strict_json_dumps
 
     arrays = {k: getattr(arm, k) for k in _ARM_FIELDS}
+    if arm.pathology is not None:
+        arrays["pathology"] = np.asarray(arm.pathology, float)
 
     def write(p: Path) -> None:
         with open(p, "wb") as f:
@@ -514,9 +559,12 @@ def _read_arm(path: Path, arm_id: str, settings_key: str | None = None) -> ArmLi
         import json
 
         lib_meta = json.loads(str(d["meta_json"]))
+    pathology = np.asarray(d["pathology"], float) if "pathology" in d else None
+    if pathology is not None and pathology.shape != (len(d["log_q"]), 3):
+        raise QSPValidationError(str(path), "pathology", list(pathology.shape), f"shape ({len(d['log_q'])}, 3)")
     return ArmLibrary(arm_id, float(d["horizon_days"]), *(np.asarray(d[k]) for k in _ARM_FIELDS[:5]),
                       np.asarray(d["plausible"], bool), np.asarray(d["steps"]), np.asarray(d["assessment_days"]),
-                      np.asarray(d["other_log_values"]), lib_meta)
+                      np.asarray(d["other_log_values"]), lib_meta, pathology)
 
 
 def _settings_key(meta: dict) -> str:
@@ -564,6 +612,9 @@ def build_library(out: str | Path, arms: Sequence, priors: PriorSet, params: Par
         if path.is_file():
             try:
                 lib = _read_arm(path, arm.arm_id, key)
+                if reports_pathology(arm) and simulator == "qsp" and lib.pathology is None:
+                    raise QSPValidationError(str(path), "pathology", None,
+                                             "the pCR/MPR outcomes at surgery that this arm's trial reports")
                 libs.append(lib)
                 meta["arms"][arm.arm_id] = lib.meta or _arm_meta(lib, None, "kept from an earlier run (same settings)")
                 if progress:
@@ -585,7 +636,7 @@ def build_library(out: str | Path, arms: Sequence, priors: PriorSet, params: Par
         wall = time.perf_counter() - t0
         lib = ArmLibrary(arm.arm_id, horizon, drawn["log_values"], drawn["log_q"], sim["response"], sim["pfs"],
                          sim["solved"], sim["plausible"], sim["steps"], np.asarray(template.assessment_days),
-                         drawn["other_log_values"])
+                         drawn["other_log_values"], pathology=sim["pathology"])
         lib.meta = _arm_meta(lib, wall, None) | {"screening": sim["screening"], "response_read": read.rule}
         _write_arm(path, lib, key, lib.meta)
         libs.append(lib)
@@ -673,9 +724,11 @@ def merge_libraries(parts: Sequence[Library]) -> Library:
     for i, a in enumerate(first.arms):
         same = [p.arms[i] for p in parts]
         cat = {k: np.concatenate([getattr(x, k) for x in same]) for k in _ARM_FIELDS if k != "assessment_days"}
+        pathology = (np.concatenate([x.pathology for x in same])
+                     if all(x.pathology is not None for x in same) else None)
         arms.append(ArmLibrary(a.arm_id, a.horizon_days, cat["log_values"], cat["log_q"], cat["response"], cat["pfs"],
                                cat["solved"], cat["plausible"], cat["steps"], a.assessment_days, cat["other_log_values"],
-                               {"parts": [x.meta for x in same]}))
+                               {"parts": [x.meta for x in same]}, pathology))
     meta = dict(first.meta)
     meta["seed"] = seeds
     meta["settings_key"] = "+".join(p.meta["settings_key"] for p in parts)
@@ -776,6 +829,21 @@ class LibraryModel:
                          log_normal_terms(jnp.asarray(lib.log_values), jnp.asarray(loc_q), jnp.log(scale_q)),
                          jnp.asarray(lib.usable), jnp.asarray(lib.response), jnp.asarray(lib.pfs)) for lib in library.arms]
         self._data_sizes = [self._sizes(t) for t in self.templates]
+        # pathology at surgery (pCR / MPR): scored where the trial prints both and the library
+        # simulated it; a reporting arm whose library lacks it is named in pathology_omitted
+        self._pathology, self.pathology_omitted = [], []
+        for arm, lib, sz in zip(arms, library.arms, self._data_sizes):
+            if reports_pathology(arm) and lib.pathology is not None:
+                k_pcr = int(math.floor(float(arm.pcr_pct) / 100 * arm.n + 0.5))
+                k_mpr = max(k_pcr, int(math.floor(float(arm.mpr_pct) / 100 * arm.n + 0.5)))
+                sz["pathology_n"] = float(arm.n)
+                sz["pathology_counts"] = np.array([k_pcr, k_mpr - k_pcr, arm.n - k_mpr], float)
+                self._pathology.append(jnp.asarray(np.nan_to_num(lib.pathology)))
+            else:
+                sz["pathology_n"] = 0.0
+                if reports_pathology(arm):
+                    self.pathology_omitted.append(arm.arm_id)
+                self._pathology.append(None)
         self.predict = jax.jit(self._predict)
         if min_ess is not None and not (math.isfinite(min_ess) and min_ess >= 1.0):
             raise QSPValidationError("library model", "min_ess", min_ess, "a number of effective patients >= 1")
@@ -795,7 +863,7 @@ class LibraryModel:
         elif self.mc_error == "fixed":
             self.fixed_ess_source = f"median Kish ESS over {prior_ess_draws} prior draws"
             draws = jnp.asarray(self.sample_prior(jax.random.PRNGKey(0), prior_ess_draws))
-            ess = jax.jit(jax.vmap(lambda th: jnp.stack([e for _, e in self._predict(th)])))(draws)
+            ess = jax.jit(jax.vmap(lambda th: jnp.stack([a.ess for a in self._predict(th)])))(draws)
             self.fixed_ess = np.median(np.asarray(ess), axis=0)
         self.log_posterior = jax.jit(self._log_posterior)
         self.log_likelihood = jax.jit(self._log_likelihood)
@@ -838,17 +906,18 @@ class LibraryModel:
         return out
 
     # -- predictions ----------------------------------------------------------------------------
-    def _predict(self, theta) -> tuple[tuple[Prediction, jax.Array], ...]:
-        """Per arm: the reweighted cohort :class:`Prediction` (one arm) and the weights' Kish ESS."""
+    def _predict(self, theta) -> tuple[ArmPrediction, ...]:
+        """Per arm: the reweighted cohort :class:`Prediction` (one arm), the weights' Kish ESS and
+        the pathology probabilities (:class:`ArmPrediction`)."""
         out = []
-        for w, (_, _, ok, resp, pfs) in zip(self.weights(theta), self._arrays):
+        for w, (_, _, ok, resp, pfs), path in zip(self.weights(theta), self._arrays, self._pathology):
             pred = Prediction((w @ resp)[None], (w @ pfs)[None], jnp.mean(ok.astype(float))[None])
-            out.append((pred, kish_ess(w)))
+            out.append(ArmPrediction(pred, kish_ess(w), None if path is None else w @ path))
         return tuple(out)
 
     def ess(self, theta) -> np.ndarray:
         """Kish ESS of each arm's weights at ``theta`` (A,)."""
-        return np.array([float(e) for _, e in self.predict(jnp.asarray(theta))])
+        return np.array([float(a.ess) for a in self.predict(jnp.asarray(theta))])
 
     def median_ess(self, draws, n: int = 256) -> np.ndarray:
         """Median over ``n`` evenly spaced rows of ``draws`` (D, len(ids)) of each arm's Kish ESS (A,):
@@ -856,7 +925,7 @@ class LibraryModel:
         of a second, final run)."""
         draws = np.asarray(draws, float)
         idx = np.unique(np.linspace(0, len(draws) - 1, min(n, len(draws))).round().astype(int))
-        ess = jax.jit(jax.vmap(lambda th: jnp.stack([e for _, e in self._predict(th)])))(jnp.asarray(draws[idx]))
+        ess = jax.jit(jax.vmap(lambda th: jnp.stack([a.ess for a in self._predict(th)])))(jnp.asarray(draws[idx]))
         return np.median(np.asarray(ess), axis=0)
 
     # -- data and likelihood -----------------------------------------------------------------------
@@ -879,7 +948,8 @@ class LibraryModel:
 
     def observed_data(self) -> tuple[dict, ...]:
         """The arms' data as proportions: ``counts`` (4,) fractions of the evaluated patients or
-        ``responders`` (), and ``pfs`` (J,) the conditional progression-free fraction of each scored interval."""
+        ``responders`` (), ``pfs`` (J,) the conditional progression-free fraction of each scored interval,
+        and ``pathology`` (3,) the fractions with pCR, MPR without pCR and no MPR (of the arm's N)."""
         data = []
         for t, sz in zip(self.templates, self._data_sizes):
             terms, d = t.terms[0], {}
@@ -889,6 +959,8 @@ class LibraryModel:
                 d["responders"] = np.asarray(terms.responders / sz["response_n"], float)
             if terms.pfs_points:
                 d["pfs"] = np.asarray(terms.pfs_free, float) / sz["pfs_at_risk"]
+            if sz["pathology_n"] > 0:
+                d["pathology"] = sz["pathology_counts"] / sz["pathology_n"]
             data.append(d)
         return tuple(data)
 
@@ -909,17 +981,22 @@ class LibraryModel:
                     n_pfs = np.maximum(1.0, np.round(np.asarray(n_pfs, float)))
             else:
                 n_resp, n_pfs = sz["response_n"], sz["pfs_at_risk"]
-            out.append({"response_n": n_resp, "pfs_at_risk": n_pfs})
+            n_path = sz["pathology_n"]
+            if self.mc_error != "none" and n_path > 0:
+                n_path = 1.0 / (1.0 / n_path + 1.0 / m)
+                if self.mc_error == "fixed":
+                    n_path = float(max(1, round(n_path)))
+            out.append({"response_n": n_resp, "pfs_at_risk": n_pfs, "pathology_n": n_path})
         return out
 
     def arm_log_likelihoods(self, pred, data: Sequence[dict] | None = None) -> jax.Array:
         """Log-likelihood of each arm's data (proportions, layout of :meth:`observed_data`) (A,)."""
         data = self.observed_data() if data is None else data
-        ess = [e for _, e in pred]
+        ess = [a.ess for a in pred]
         sizes = self.effective_sizes(ess)
         out = []
         for i, (t, d, sz, ne) in enumerate(zip(self.templates, data, self._data_sizes, sizes)):
-            p_arm, _ = pred[i]
+            p_arm = pred[i].prediction
             p = p_arm.response[0]
             ll = jnp.asarray(0.0)
             if "counts" in d:
@@ -932,6 +1009,10 @@ class LibraryModel:
                 q = t.pfs_conditionals(p_arm, 0)
                 m = ne["pfs_at_risk"]
                 ll = ll + jnp.sum(binomial_logpmf(jnp.asarray(d["pfs"]) * m, m, q) + jnp.log(m / sz["pfs_at_risk"]))
+            if "pathology" in d:  # pCR, MPR without pCR, no MPR: one multinomial of the same patients
+                n = ne["pathology_n"]
+                ll = ll + multinomial_logpmf(jnp.asarray(d["pathology"]) * n, pred[i].pathology) + \
+                    2.0 * jnp.log(n / sz["pathology_n"])
             out.append(ll)
         return jnp.stack(out)
 
@@ -944,7 +1025,7 @@ class LibraryModel:
         library supports the reweighted likelihood (see :attr:`min_ess`)."""
         if self.min_ess is None:
             return jnp.asarray(0.0)
-        log_ess = jnp.log(jnp.stack([e for _, e in self._predict(theta)]))
+        log_ess = jnp.log(jnp.stack([a.ess for a in self._predict(theta)]))
         short = jnp.maximum(math.log(self.min_ess) - log_ess, 0.0) / SUPPORT_WIDTH
         return -0.5 * jnp.sum(short * short)
 
@@ -956,10 +1037,10 @@ class LibraryModel:
         round(n_eff(theta)) patients (multinomial / binomial at the reweighted probabilities) as
         a proportion; n_eff includes the Monte-Carlo term at theta's ESS when ``mc_error``."""
         pred = self.predict(jnp.asarray(theta))
-        sizes = self.effective_sizes([float(e) for _, e in pred])
+        sizes = self.effective_sizes([float(a.ess) for a in pred])
         data = []
         for i, (t, template, ne) in enumerate(zip(self.templates, self.observed_data(), sizes)):
-            p_arm, _ = pred[i]
+            p_arm = pred[i].prediction
             p = np.asarray(p_arm.response[0])
             d = {}
             n = max(1, int(round(float(ne["response_n"])))) if ("counts" in template or "responders" in template) else 0
@@ -972,12 +1053,17 @@ class LibraryModel:
                 q = np.clip(np.asarray(t.pfs_conditionals(p_arm, 0)), 0.0, 1.0)
                 m = np.maximum(1, np.round(np.asarray(ne["pfs_at_risk"], float))).astype(int)
                 d["pfs"] = rng.binomial(m, q) / m
+            if "pathology" in template:
+                n = max(1, int(round(float(ne["pathology_n"]))))
+                q = np.clip(np.asarray(pred[i].pathology), 1e-9, None)
+                d["pathology"] = rng.multinomial(n, q / q.sum()) / n
             data.append(d)
         return tuple(data)
 
     def predicted_orr(self, theta) -> np.ndarray:
         """Predicted ORR of each arm at ``theta`` (A,)."""
-        return np.array([float(p.response[0, 0] + p.response[0, 1]) for p, _ in self.predict(jnp.asarray(theta))])
+        return np.array([float(a.prediction.response[0, 0] + a.prediction.response[0, 1])
+                         for a in self.predict(jnp.asarray(theta))])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1075,8 +1161,9 @@ def endpoint_table(model: LibraryModel, draws: np.ndarray, n_draws: int = 200, l
     """Per arm, the endpoints besides ORR: complete response (observed CR of the evaluated patients
     and its exact CI against the predicted reweighted CR rate) and every PFS point the likelihood
     scores (observed progression-free fraction against the predicted curve read as the likelihood
-    reads it, :meth:`Problem.landmark_pfs`). Observed PFS intervals are exact binomial of the
-    printed fraction of N: they ignore censoring, so they are somewhat narrower than the trials'.
+    reads it, :meth:`Problem.landmark_pfs`), and pCR / MPR at surgery where scored (observed count
+    of N). Observed PFS intervals are exact binomial of the printed fraction of N: they ignore
+    censoring, so they are somewhat narrower than the trials'.
     Predicted: median and ``level`` interval over posterior draws (parameter uncertainty only)."""
     from qspjax.inference.likelihood import DAYS_PER_MONTH
     from qspjax.outcomes import binomial_ci
@@ -1086,17 +1173,17 @@ def endpoint_table(model: LibraryModel, draws: np.ndarray, n_draws: int = 200, l
     q = [100 * (1 - level) / 2, 50, 100 * (1 + level) / 2]
     rows = []
     for i, (a, t) in enumerate(zip(model.arms, model.templates)):
-        row: dict = {"arm_id": a.arm_id, "cr": None, "pfs": []}
+        row: dict = {"arm_id": a.arm_id, "cr": None, "pfs": [], "pathology": None}
         if a.response_counts is not None:
             n = int(sum(a.response_counts))
             k = int(a.response_counts[0])
             lo, hi = binomial_ci(k, n, level)
-            cr = np.array([100 * float(p[i][0].response[0, 0]) for p in preds])
+            cr = np.array([100 * float(p[i].prediction.response[0, 0]) for p in preds])
             c_lo, c_med, c_hi = np.percentile(cr, q)
             row["cr"] = {"observed_pct": 100 * k / n, "observed_ci": [100 * lo, 100 * hi], "predicted_pct": float(c_med),
                          "predicted_interval": [float(c_lo), float(c_hi)], "inside_ci": bool(100 * lo <= c_med <= 100 * hi)}
         if len(a.pfs_days):
-            curves = np.array([np.asarray(t.landmark_pfs(p[i][0], 0)) for p in preds]) * 100
+            curves = np.array([np.asarray(t.landmark_pfs(p[i].prediction, 0)) for p in preds]) * 100
             landmark_months = {round(m, 6) for e, m, _ in a.observed.get("landmarks", []) if e == "pfs"}
             for j, (day, k) in enumerate(zip(a.pfs_days, a.pfs_progression_free)):
                 lo, hi = binomial_ci(int(k), int(a.n), level)
@@ -1107,21 +1194,36 @@ def endpoint_table(model: LibraryModel, draws: np.ndarray, n_draws: int = 200, l
                                    "observed_pct": 100 * k / a.n, "observed_ci": [100 * lo, 100 * hi],
                                    "predicted_pct": float(p_med), "predicted_interval": [float(p_lo), float(p_hi)],
                                    "inside_ci": bool(100 * lo <= p_med <= 100 * hi)})
+        sz = model._data_sizes[i]
+        if sz["pathology_n"] > 0:
+            n = int(sz["pathology_n"])
+            k_pcr, k_mpr = int(sz["pathology_counts"][0]), int(sz["pathology_counts"][:2].sum())
+            probs = np.array([np.asarray(p[i].pathology) for p in preds]) * 100  # (draws, 3)
+            row["pathology"] = {}
+            for name, k, pred_pct in (("pcr", k_pcr, probs[:, 0]), ("mpr", k_mpr, probs[:, 0] + probs[:, 1])):
+                lo, hi = binomial_ci(k, n, level)
+                p_lo, p_med, p_hi = np.percentile(pred_pct, q)
+                row["pathology"][name] = {"observed_pct": 100 * k / n, "observed_ci": [100 * lo, 100 * hi],
+                                          "predicted_pct": float(p_med), "predicted_interval": [float(p_lo), float(p_hi)],
+                                          "inside_ci": bool(100 * lo <= p_med <= 100 * hi)}
         rows.append(row)
     return rows
 
 
 def endpoint_tally(rows: Sequence[dict]) -> dict:
-    """How many arms have predicted CR / 6- and 12-month PFS inside the observed CI (an arm counts
-    for PFS when every 6/12-month landmark it reports is inside)."""
+    """How many arms have predicted CR / 6- and 12-month PFS / pCR / MPR inside the observed CI (an
+    arm counts for PFS when every 6/12-month landmark it reports is inside)."""
     cr = [r["cr"]["inside_ci"] for r in rows if r["cr"] is not None]
     pfs = []
     for r in rows:
         pts = [p for p in r["pfs"] if p["kind"] == "landmark" and min(abs(p["months"] - 6), abs(p["months"] - 12)) < 0.1]
         if pts:
             pfs.append(all(p["inside_ci"] for p in pts))
+    path = [r["pathology"] for r in rows if r.get("pathology")]
     return {"cr": {"arms": len(cr), "inside_ci": int(sum(cr))},
-            "pfs_6_12_months": {"arms": len(pfs), "inside_ci": int(sum(pfs))}}
+            "pfs_6_12_months": {"arms": len(pfs), "inside_ci": int(sum(pfs))},
+            "pcr": {"arms": len(path), "inside_ci": int(sum(x["pcr"]["inside_ci"] for x in path))},
+            "mpr": {"arms": len(path), "inside_ci": int(sum(x["mpr"]["inside_ci"] for x in path))}}
 
 
 def write_posterior(out: str | Path, mcmc, model: LibraryModel, prov: dict, extra: dict | None = None,
@@ -1142,6 +1244,8 @@ def write_posterior(out: str | Path, mcmc, model: LibraryModel, prov: dict, extr
     summary["orr_inside_observed_ci"] = int(sum(r["predicted_inside_observed_ci"] for r in summary["predictive_orr"]))
     summary["predictive_endpoints"] = endpoint_table(model, posterior_matrix(mcmc, model), check_draws)
     summary["endpoints_inside_observed_ci"] = endpoint_tally(summary["predictive_endpoints"])
+    summary["pathology_omitted"] = {"arms": list(model.pathology_omitted),
+                                    "note": "arms whose trial prints pCR and MPR but whose library has no pathology"}
     summary.update(extra or {})
     atomic_write_json(out / "summary.json", summary)
     atomic_write_json(out / "run.json", prov)
@@ -1151,17 +1255,58 @@ def write_posterior(out: str | Path, mcmc, model: LibraryModel, prov: dict, extr
 # ---------------------------------------------------------------------------------------------
 # Simulation-based calibration on a library
 # ---------------------------------------------------------------------------------------------
+def sample_support_prior(model: LibraryModel, n: int, key, warmup: int = 1000, thin: int = 20,
+                         init=None) -> tuple[np.ndarray, dict]:
+    """``n`` draws (n, D) of the prior restricted to the library's support: density prior(theta) x
+    exp(:meth:`LibraryModel.support_log_penalty`), the prior of the walled model (``min_ess``).
+    Without a wall this is the prior itself (exact draws). With one, the prior mass inside the
+    support is far too small for rejection, so one NUTS chain (numpyro's kernel, ``warmup``
+    adaptation steps from ``init``, default the prior means) is thinned by ``thin``; the dict
+    reports the chain's divergences and the lag-``thin`` autocorrelation of each quantity."""
+    if model.min_ess is None:
+        return np.asarray(model.sample_prior(key, n)), {"sampler": "exact prior draws"}
+    from numpyro.infer.hmc import hmc
+
+    from qspjax.inference.sbc import log_support_prior
+
+    init_kernel, sample_kernel = hmc(potential_fn=lambda th: -log_support_prior(model, th), algo="NUTS")
+    start = jnp.asarray(model.prior_means() if init is None else init, float)
+    state = init_kernel(start, num_warmup=warmup, target_accept_prob=0.8, max_tree_depth=8, rng_key=key)
+
+    @jax.jit
+    def run(state):
+        def step(state, _):
+            state = sample_kernel(state)
+            return state, (state.z, state.diverging)
+
+        return jax.lax.scan(step, state, None, length=warmup + n * thin)[1]
+
+    z, diverging = run(state)
+    kept = np.asarray(z[warmup:][thin - 1::thin][:n])
+    c = kept - kept.mean(0)
+    lag1 = (c[1:] * c[:-1]).sum(0) / np.maximum((c * c).sum(0), 1e-300)
+    return kept, {"sampler": "NUTS on prior x support wall", "warmup": warmup, "thin": thin,
+                  "divergences": int(np.asarray(diverging[warmup:]).sum()),
+                  "lag_thin_autocorrelation": dict(zip(model.ids, map(float, lag1))),
+                  "min_weight_ess_at_draws": float(np.min([model.ess(t).min() for t in kept]))}
+
+
 def run_sbc(model: LibraryModel, replicates: int, key, warmup: int = 200, samples: int = 200, thin: int = 2,
-            target_accept: float = 0.8, max_tree_depth: int = 6, progress: bool = False):
+            target_accept: float = 0.8, max_tree_depth: int = 6, progress: bool = False, init=None):
     """SBC of NUTS on the reweighted model (:func:`qspjax.inference.sbc.run_sbc`'s loop with
-    :meth:`LibraryModel.simulate_data`): theta from the prior, data from the reweighted model at
-    theta, one NUTS chain on the same library, rank of theta among L = samples // thin draws."""
+    :meth:`LibraryModel.simulate_data`): theta from the model's prior (restricted to the library's
+    support when the model has a ``min_ess`` wall: :func:`sample_support_prior`), data from the
+    reweighted model at theta, one NUTS chain on the same library (its potential has the same
+    wall), rank of theta among L = samples // thin draws. ``init``: where the truths' chain starts
+    (e.g. a posterior mean, inside the support; default the prior means)."""
     from qspjax.inference.sbc import SBCResult, nuts_sampler, ranks
 
     k_prior, k_data, k_nuts = jax.random.split(key, 3)
-    truths = model.sample_prior(k_prior, replicates)
+    truths, truth_sampler = sample_support_prior(model, replicates, k_prior, init=init)
     rng = np.random.default_rng(int(jax.random.randint(k_data, (), 0, 2**31 - 1)))
-    sample = nuts_sampler(model, warmup, samples, thin, target_accept, max_tree_depth)
+    # chains start where the model's prior lives (inside the wall), the same point for every replicate
+    init = None if model.min_ess is None else truths.mean(0)
+    sample = nuts_sampler(model, warmup, samples, thin, target_accept, max_tree_depth, init=init)
     keys = jax.random.split(k_nuts, replicates)
     rows, means, sds, div, ess_true = [], [], [], [], []
     t0 = time.perf_counter()
@@ -1183,6 +1328,7 @@ def run_sbc(model: LibraryModel, replicates: int, key, warmup: int = 200, sample
     settings = {"replicates": replicates, "warmup": warmup, "samples": samples, "thin": thin, "chains": 1,
                 "target_accept": target_accept, "max_tree_depth": max_tree_depth,
                 "init": "prior mean + 0.1 prior sd x N(0, 1)", "sampler": "numpyro NUTS kernel (diagonal mass)",
-                "mc_error": model.mc_error, "min_weight_ess_at_truth": ess_true}
+                "mc_error": model.mc_error, "min_weight_ess_at_truth": ess_true, "min_ess": model.min_ess,
+                "truths": truth_sampler}
     return SBCResult(model.ids, np.asarray(rows, int), samples // thin, truths, np.asarray(means), np.asarray(sds),
                      np.asarray(div, int), time.perf_counter() - t0, compile_seconds, settings)
