@@ -263,21 +263,29 @@ def crossval(args) -> dict:
 
     params, spec, priors, arms, settings, endpoints, record = _setup(args)
     lib = load_library(args.library if len(args.library) > 1 else args.library[0], [a.arm_id for a in arms])
-    out = prepare_out_dir(args.out, overwrite=True)
+    partial = Path(args.out) / "crossval.partial.json"
+    done = []
+    if partial.is_file():  # resume an interrupted run: its finished folds are kept
+        import json
+
+        saved = json.loads(partial.read_text())
+        done = saved.get("arms", [])
+        print(f"resuming {partial}: {saved.get('folds_done')} fold(s) done", flush=True)
+    out = Path(args.out) if done else prepare_out_dir(args.out, overwrite=True)
     t0 = time.perf_counter()
     fixed = _fixed_ess(args, lib, arms, priors, params, spec)
     fixed = None if fixed is None else dict(zip([a.arm_id for a in arms], fixed.tolist()))
     rows = cross_validate(lib, arms, priors, params, spec, jax.random.PRNGKey(args.seed), chains=args.chains,
                           warmup=args.warmup, samples=args.samples, max_tree_depth=args.max_tree_depth,
                           progress=None if args.quiet else (lambda m: print(m, flush=True)), fixed_ess=fixed,
-                          min_ess=args.min_ess,
-                          on_fold=lambda rows, done, total: atomic_write_json(
+                          min_ess=args.min_ess, done=done,
+                          on_fold=lambda rows, n_done, total: atomic_write_json(
                               out / "crossval.partial.json",
-                              {"folds_done": done, "folds": total, "summary": tally(rows), "arms": rows,
-                               "wall_s": time.perf_counter() - t0}))
+                              {"folds_done": len({r["held_out_trial"] for r in rows}), "folds": total,
+                               "summary": tally(rows), "arms": rows, "wall_s": time.perf_counter() - t0}))
     (out / "crossval.partial.json").unlink(missing_ok=True)
     doc = {"route": "leave-one-trial-out on the importance-reweighted library (qspjax/inference/crossval.py)",
-           "summary": tally(rows), "arms": rows, "wall_s": time.perf_counter() - t0,
+           "summary": tally(rows), "arms": rows, "wall_s": time.perf_counter() - t0, "rows_resumed": len(done),
            "provenance": provenance(config=vars(args) | {"model": record}, seed=args.seed)}
     atomic_write_json(out / "crossval.json", doc)
     for r in rows:

@@ -52,3 +52,23 @@ def test_cross_validation_predicts_each_trial_from_the_others(setup):  # noqa: F
         assert np.isfinite(r["fold_rhat_max"]) and r["fold_divergences"] >= 0
     t = CV.tally(rows)
     assert t["arms"] == 2 and t["inside_ci"] == sum(r["inside_ci"] for r in rows)
+
+
+def test_an_interrupted_cross_validation_resumes_without_rerunning_its_folds(setup):  # noqa: F811
+    """Folds whose trial already has rows (saved by the per-fold hook) are not run again; with all
+    of them done nothing is sampled and the saved rows come back as they were."""
+    params, spec, priors, arms = setup
+    lib = fake_library(setup, n=12)
+    saved = [{"id": a, "held_out_trial": CV.trial_of(a), "inside_ci": True} for a in ARMS]
+    calls = []
+    rows = CV.cross_validate(lib, arms, priors, params, spec, jax.random.PRNGKey(0), settings=SETTINGS,
+                             done=saved, on_fold=lambda *a: calls.append(a))
+    assert rows == saved and calls == []
+
+
+def test_a_fold_with_nothing_to_predict_is_skipped():
+    from qspjax.data import load_trials
+
+    trials = load_trials()
+    assert not CV._has_orr(trials.get_arm("NCT04271384:sbrt_nivo"))  # pCR/MPR only
+    assert CV._has_orr(trials.get_arm("NCT02492568:pembro"))

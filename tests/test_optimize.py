@@ -205,3 +205,25 @@ def test_search_on_analytic_objective_lands_on_the_constraint_like_a_grid():
     top = [(dd, nn) for (dd, nn), val in zip(grid, values) if val >= max(values) - 1e-12]
     assert (6.0, 3) in top  # tied with (8 Gy, 2): 3 (1.8 + 1.08) = 2 (2.4 + 1.92)
     assert any(nn == n and abs(d - dd) <= 1.0 for dd, nn in top) and best.value >= max(values)
+
+
+def test_a_non_finite_gradient_component_holds_its_variable_and_is_reported():
+    """A NaN in one gradient component (the full-solver run of 2026-12-03 met one) must not turn
+    the iterate into NaN: the variable is held for that step and the history names it."""
+    from qspjax.analysis.optimize import optimize, parse_space
+
+    space = parse_space(_space(optimizer={"steps": 6, "learning_rate": 0.3, "penalty": 50}), "t")
+
+    class _NanAtStep2(_AnalyticObjective):
+        def evaluate(self, x, lesion_index=0):
+            pv, v, aux, g = super().evaluate(x, lesion_index)
+            if self.evaluations == 3:
+                g = np.array([np.nan, g[1]])
+            return pv, v, aux, g
+
+    result = optimize(_NanAtStep2(space))
+    xs = np.array([h["x"] for h in result.history])
+    assert np.all(np.isfinite(xs)) and np.all(np.isfinite([h["penalised"] for h in result.history]))
+    assert result.history[2]["nonfinite_gradient"] == ["rt_dose_per_fraction_gy"]
+    assert xs[3, 0] == xs[2, 0] and xs[3, 1] != xs[2, 1]  # held; the other variable moved
+    assert sum("nonfinite_gradient" in h for h in result.history) == 1

@@ -636,9 +636,19 @@ def optimize(objective: CohortObjective, *, x0: np.ndarray | None = None, steps:
             best_pen, best_x = pv, x
         if it == steps or not free:
             break
+        # a non-finite gradient component (seen through the solver when the relaxed RT course nears
+        # the antibody doses) must not poison Adam: that variable stays put this step, and it is said
+        g = np.asarray(g, dtype=float)
+        bad = ~np.isfinite(g)  # (Adam's momentum would still move it: its update is zeroed too)
+        if bad.any():
+            history[-1]["nonfinite_gradient"] = [free[i].name for i in np.flatnonzero(bad)]
+            if progress:
+                print(f"iteration {it}: non-finite gradient for {history[-1]['nonfinite_gradient']}; "
+                      f"held this step", flush=True)
+            g = np.where(bad, 0.0, g)
         grad_u = -(g * (highs - lows) * sig * (1.0 - sig))  # optax minimises
         updates, state = opt.update(jnp.asarray(grad_u), state)
-        u = u + np.asarray(updates)
+        u = u + np.where(bad, 0.0, np.asarray(updates))
     t_ascent = time.perf_counter() - t0
 
     # Rounding: floor/ceil of each integer variable (the three most ambiguous; others to nearest),

@@ -16,6 +16,7 @@ prediction lies inside the observed interval (``inside_ci``), and the fold's sam
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -54,19 +55,23 @@ def subset_library(library, arm_ids: Sequence[str]):
 def cross_validate(library, arms: Sequence, priors, params, spec, key, *, settings=None, chains: int = 4,
                    warmup: int = 300, samples: int = 300, max_tree_depth: int = 8, n_draws: int = 200,
                    progress=None, fixed_ess: dict | None = None, min_ess: float | None = None,
-                   on_fold=None) -> list[dict]:
+                   on_fold=None, done: Sequence[dict] = ()) -> list[dict]:
     """Leave-one-trial-out predictions of every arm of ``library`` (rows, one per held-out arm
     with an ORR; role ``cross_validated``). ``arms``: the trial arms of the library, same order.
     ``fixed_ess``: arm id -> the Monte-Carlo size of the fixed term (default: each fold's prior-draw median).
-    ``on_fold(rows, done, total)``: called after each fold with the rows so far (e.g. to save them)."""
+    ``on_fold(rows, done, total)``: called after each fold with the rows so far (e.g. to save them);
+    ``done``: rows of an interrupted run (what ``on_fold`` saved): their trials' folds are not rerun."""
     import jax
 
     from qspjax.inference import library as L
 
     by_id = {a.arm_id: a for a in arms}
-    rows: list[dict] = []
+    rows: list[dict] = list(done)
+    finished = {r["held_out_trial"] for r in done}
     folds = trial_folds(library.arm_ids)
     for k, (trial, train, test) in enumerate(folds):
+        if trial in finished or not any(_has_orr(by_id[a]) for a in test):
+            continue  # done in an interrupted run, or nothing to predict (e.g. a pathology-only arm)
         m = None if fixed_ess is None else [fixed_ess[a] for a in train]
         fit = L.LibraryModel(subset_library(library, train), [by_id[a] for a in train], priors, params, spec, settings,
                              fixed_ess=m, min_ess=min_ess)
@@ -87,7 +92,18 @@ def cross_validate(library, arms: Sequence, priors, params, spec, key, *, settin
                      f"R-hat max {diag['fold_rhat_max']:.3f}, divergences {diag['fold_divergences']}")
         if on_fold is not None:
             on_fold(rows, k + 1, len(folds))
+        # each fold compiles its own NUTS program: a long run that keeps them all dies of LLVM's
+        # "Cannot allocate memory" at the memory-map limit (it did after 17 of 23 folds)
+        jax.clear_caches()
     return rows
+
+
+def _has_orr(arm) -> bool:
+    """Whether a trial arm prints a response count or responders of N (what a fold predicts)."""
+    from qspjax.inference.likelihood import arm_data_from_trial
+
+    d = arm_data_from_trial(arm, math.inf)
+    return d.response_counts is not None or d.responders is not None
 
 
 def _diagnostics(mcmc, model) -> dict:

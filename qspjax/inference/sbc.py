@@ -253,9 +253,13 @@ def rank_histogram_plot(rank_matrix, n_draws: int, ids, path: Path, bins: int = 
     share = np.bincount(which, minlength=bins) / n_ranks
     lo = stats.binom.ppf((1 - band) / 2, n_rep, share)
     hi = stats.binom.ppf((1 + band) / 2, n_rep, share)
-    fig, axes = plt.subplots(1, n_par, figsize=(4 * n_par, 3.2), squeeze=False)
+    cols = min(n_par, 5)  # a grid, not one row: 13 parameters in a row are unreadable
+    rows = -(-n_par // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[n_par:]:
+        ax.set_visible(False)
     x = np.arange(bins)
-    for j, ax in enumerate(axes[0]):
+    for j, ax in enumerate(axes.flat[:n_par]):
         hist = np.bincount(which[r[:, j]], minlength=bins)
         ax.fill_between(np.r_[x - 0.5, bins - 0.5], np.r_[lo, lo[-1]], np.r_[hi, hi[-1]], step="post",
                         color="0.85", label=f"{100 * band:g} % band (uniform)")
