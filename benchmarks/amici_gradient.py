@@ -155,6 +155,35 @@ def amici_model(problem_dir: Path, verbose: bool = False):
     return module, compiled
 
 
+def pypesto_objective(problem_dir: Path, out: Path):
+    """pyPESTO's objective of the exported PEtab problem (``pypesto.petab.PetabImporter``: AMICI
+    inside, the PEtab noise model, no priors), at the tolerances of :data:`RTOL`; returns
+    (objective, parameter ids in its order). The AMICI model is compiled into ``out`` (minutes)."""
+    import petab.v1 as petab
+    import pypesto.petab
+    from amici.importers.sbml import SbmlImporter
+
+    init = SbmlImporter.__init__
+
+    def floats_stay_floats(self, *a, **k):  # as in amici_model: float literals are not made exact
+        init(self, *a, **k)
+        if hasattr(getattr(self, "_mathml_parser", None), "floats_as_rationals"):
+            self._mathml_parser.floats_as_rationals = False
+
+    SbmlImporter.__init__ = floats_stay_floats
+    try:
+        problem = petab.Problem.from_yaml(str(problem_dir / "problem.yaml"))
+        importer = pypesto.petab.PetabImporter(problem, output_folder=str(out), model_name="qspjax_petab")
+        objective = importer.create_objective_creator().create_objective()
+    finally:
+        SbmlImporter.__init__ = init
+    solver = objective.amici_solver
+    solver.set_relative_tolerance(RTOL)
+    solver.set_absolute_tolerance(1e-14)
+    solver.set_max_steps(1_000_000)
+    return objective, list(objective.x_names)
+
+
 def amici_run(module, p: np.ndarray, days, sensitivity: str | None, data: np.ndarray | None = None):
     """One AMICI simulation at ``p`` (natural scale) on ``days``; ``sensitivity``: None, "forward" or
     "adjoint" (first order, with the Gaussian llh of ``log D`` against ``data``)."""
@@ -215,7 +244,7 @@ def main(args) -> dict:
 
     import jax
 
-    from qspjax.io import atomic_write_json
+    from qspjax.io import atomic_write_json, provenance
 
     problem_dir = petab_dir(Path(args.work) / "petab")
     data = measurements(problem_dir)
@@ -248,6 +277,8 @@ def main(args) -> dict:
         "ratio_qspjax_over": {"amici_forward": t_qspjax / t_fwd, "amici_adjoint": t_qspjax / t_adj},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax_backend": jax.default_backend()},
         "repeats": args.repeats, "date": time.strftime("%Y-%m-%d"),
+        "amici_version": __import__("amici").__version__,
+        "run": provenance(vars(args), None),
     }
     if args.json:
         atomic_write_json(args.json, result)

@@ -6,7 +6,9 @@ calibration): every state of AMICI's solution must agree with qspjax's to 1e-5 r
 gradient of a least-squares objective of log tumor diameter against the PEtab measurements, with
 respect to the problem's 4 estimated parameters, must agree with qspjax's reverse-mode gradient to
 1e-4 relative, by AMICI's forward and by its adjoint sensitivities. The problem and both sides'
-code are in ``benchmarks/amici_gradient.py``, which also times them.
+code are in ``benchmarks/amici_gradient.py``, which also times them. pyPESTO, where installed,
+reads the same PEtab problem and its negative log-likelihood must equal PEtab's own likelihood of
+qspjax's simulation.
 
 AMICI compiles one C++ extension per model (minutes; cached in ``~/.cache/qspjax/amici`` by the
 SBML's hash, or ``$QSPJAX_AMICI_CACHE``).
@@ -96,3 +98,23 @@ def test_amici_gradient_matches_qspjax_reverse_mode(gradients, method):
     assert np.all(np.abs(grad) > 1e-6 * abs(value))  # every parameter moves the objective
     assert ami[method]["J"] == pytest.approx(value, rel=1e-5)
     np.testing.assert_allclose(ami[method]["grad"], grad, rtol=1e-4)
+
+
+def test_pypesto_reads_the_petab_export_and_agrees_with_qspjax(problem, tmp_path_factory):
+    pytest.importorskip("pypesto.petab", reason="pypesto is not installed (the `amici` extra has it)")
+    import petab.v1 as petab
+
+    from qspjax.interop.petab import simulate_petab
+
+    problem_dir, _ = problem
+    objective, names = AG.pypesto_objective(problem_dir, tmp_path_factory.mktemp("pypesto"))
+    pp = petab.Problem.from_yaml(str(problem_dir / "problem.yaml"))
+    nominal = dict(zip(pp.x_ids, pp.x_nominal_scaled))
+    assert sorted(names) == sorted(AG.PARAMS)
+    fval, grad = objective(np.asarray([nominal[n] for n in names]), sensi_orders=(0, 1))
+    llh = petab.calculate_llh(pp.measurement_df, simulate_petab(problem_dir / "problem.yaml"),
+                              pp.observable_df, pp.parameter_df)
+    # five observables x 57 weekly reads; one relative tolerance far below any model difference
+    assert len(pp.measurement_df) > 200
+    assert fval == pytest.approx(-llh, rel=1e-7)
+    assert np.all(np.isfinite(grad)) and np.all(np.abs(grad) > 1e-3)

@@ -86,6 +86,22 @@ def test_document_is_consistent_and_states_units(sbml_text):
     assert m.getNumEvents() == 5
 
 
+def test_no_comparison_holds_a_piecewise(sbml_text):
+    """A piecewise inside a comparison (e.g. an extinction test on the cells an LQ-L fraction leaves)
+    is a boolean-valued if-then-else that AMICI 1.0 refuses in an event or a piecewise condition;
+    the export writes such branches with min/max instead."""
+    import xml.etree.ElementTree as ET
+
+    ns = "{http://www.w3.org/1998/Math/MathML}"
+    relations = {f"{ns}{r}" for r in ("lt", "gt", "leq", "geq", "eq", "neq")}
+    root = ET.fromstring(sbml_text)
+    comparisons = [a for a in root.iter(f"{ns}apply") if len(a) and a[0].tag in relations]
+    assert comparisons, "the export has comparisons (extinction tests, LQ-L) to check"
+    bad = [a for a in comparisons if any(x.tag == f"{ns}piecewise" for x in a.iter())]
+    assert bad == []
+    assert "<min/>" in sbml_text  # the LQ-L transition, written as min(d, d_T)
+
+
 def test_unit_strings_map_to_sbml_terms():
     assert sbml.unit_id("1/day/cell") == "u_per_day_per_cell"
     assert sbml.unit_factors("micrometer^2/molecule/day") == [

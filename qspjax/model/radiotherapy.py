@@ -62,9 +62,12 @@ class Radiotherapy(eqx.Module):
         p = self.p
         beta = p["alpha_tumor"] / p["alpha_beta_tumor"]
         d_t = p["d_transition_tumor"]
-        lq = -p["alpha_tumor"] * dose_gy - beta * dose_gy**2
-        linear = -p["alpha_tumor"] * dose_gy - beta * d_t * (2.0 * dose_gy - d_t)  # = LQ(d_T) - (a + 2 b d_T)(d - d_T)
-        return jnp.where(dose_gy <= d_t, lq, linear)
+        # with m = min(d, d_T): -a d - b (2 d m - m^2) is -a d - b d^2 up to d_T and
+        # LQ(d_T) - (a + 2 b d_T)(d - d_T) beyond it. One branch-free expression: the SBML export
+        # then writes min(), which tools accept inside an event's extinction test, where a
+        # piecewise in a comparison is refused (AMICI 1.0)
+        m = jnp.minimum(dose_gy, d_t)
+        return -p["alpha_tumor"] * dose_gy - beta * m * (2.0 * dose_gy - m)
 
     @staticmethod
     def _doom(y: State, killed, gain) -> State:
