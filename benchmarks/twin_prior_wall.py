@@ -1,0 +1,68 @@
+"""How much of the twin's prior cannot be simulated: draws z ~ N(0, I) of the twin's deviations,
+each grown to its baseline and treated under the history (``twin.solve_draws``); a draw whose
+growth to baseline or treatment fails has log density -inf in the twin's NUTS, i.e. it lies
+beyond a wall. Reports the unsolvable fraction and where the wall lies on the growth axis.
+
+    python benchmarks/twin_prior_wall.py --calibration default --n 64 --json benchmarks/results_twin_prior_wall_default.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--calibration", choices=("default", "advanced"), default="default",
+                   help="default: the shipped calibration; advanced: the first-point calibration of the twin example")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--history", default="configs/twins/history_pembro_rt.yaml")
+    p.add_argument("--json", default=None)
+    return p
+
+
+def main(args) -> dict:
+    from qspjax.analysis import twin
+    from qspjax.commands import _model_options as mo
+    from qspjax.io import atomic_write_json, provenance
+    from qspjax.params import load_parameters
+    from qspjax.regimen import compile_schedule, load_regimen, timeline_points
+    from qspjax.vpop import load_population
+
+    if args.calibration == "default":
+        params = load_parameters(mo.DEFAULT_PARAMS, (mo.CALIBRATED_PARAMS,))
+        spec = load_population(mo.CALIBRATED_POPULATION)
+    else:
+        params = load_parameters(mo.DEFAULT_PARAMS, ("configs/params/calibrated/advanced_params.yaml",))
+        spec = load_population("configs/params/calibrated/advanced_population.yaml")
+    history = load_regimen(args.history)
+    sim = twin.QSPTwinSimulator(params, spec, history.drugs)
+    grid = np.array([0.0, 42.0, 84.0, 126.0, 168.0])
+    sched = compile_schedule(history, sim.drugs, grid, 2, timeline_points(history, grid))
+    z = np.random.default_rng(args.seed).standard_normal((args.n, sim.dim))
+    t0 = time.perf_counter()
+    _, ok = twin.solve_draws(sim, z, sched, sim.tps_multipliers[sim.default_tps_class], chunk=8)
+    ok = np.asarray(ok, bool)
+    g = sim.names.index("k_C1_growth")
+    out = {
+        "calibration": args.calibration, "n": args.n, "solvable": int(ok.sum()),
+        "fraction_unsolvable": float(1.0 - ok.mean()),
+        "growth_median_per_day": float(sim.median["k_C1_growth"]), "growth_log_sd": float(sim.sd["k_C1_growth"]),
+        "largest_growth_z_unsolvable": float(z[~ok, g].max()) if (~ok).any() else None,
+        "smallest_growth_z_solvable": float(z[ok, g].min()) if ok.any() else None,
+        "seconds_incl_compile": time.perf_counter() - t0,
+        "run": provenance(vars(args), args.seed),
+    }
+    if args.json:
+        atomic_write_json(args.json, out)
+    print({k: v for k, v in out.items() if k != "run"})
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main(build_parser().parse_args()) else 1)
