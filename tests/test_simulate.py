@@ -177,6 +177,9 @@ def test_one_rt_fraction_scales_cancer_cells_by_lq_survival_in_field_only(params
     assert float(y1["T1_C"]) < float(y["T1_C"])
 
 
+# opt-in: a compilation (~38 s) for one property that every cohort test exercises (each patient
+# reaches its baseline only by untreated growth, grow_to_baseline)
+@pytest.mark.slow
 def test_untreated_tumor_grows(reference_model, reference_state):
     sched = compile_schedule(parse_regimen({"name": "none"}), reference_model.drugs, np.arange(0.0, 31.0, 10.0), 1)
     traj = jax.jit(lambda m, y: simulate_patient(m, y, sched, SolverConfig()))(reference_model, reference_state)

@@ -96,6 +96,9 @@ def test_batched_and_differentiated_like_a_dense_solve(model_matrices):
         np.testing.assert_allclose(w @ np.asarray(x), np.asarray(r), atol=1e-9 * np.abs(np.asarray(r)).max())
 
 
+# opt-in: two Rodas5P compilations (~50 s); the kernel is checked against LAPACK on the model's own
+# matrices at four step sizes, batched and differentiated, by the default tests above
+@pytest.mark.slow
 def test_rodas_with_the_sparse_kernel_matches_lapack(reference_model, reference_state):
     """The QSP-IO reference patient just after a nivolumab dose, 5 days: the same steps and the
     same solution (to round-off amplified by the steps) with the compiled sparse LU as with
