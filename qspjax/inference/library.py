@@ -81,6 +81,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qspjax.data import count_from_pct
 from qspjax.errors import QSPValidationError
 from qspjax.inference.config import ENDPOINTS, LikelihoodSettings, PriorSet
 from qspjax.inference.likelihood import (
@@ -834,8 +835,8 @@ class LibraryModel:
         self._pathology, self.pathology_omitted = [], []
         for arm, lib, sz in zip(arms, library.arms, self._data_sizes):
             if reports_pathology(arm) and lib.pathology is not None:
-                k_pcr = int(math.floor(float(arm.pcr_pct) / 100 * arm.n + 0.5))
-                k_mpr = max(k_pcr, int(math.floor(float(arm.mpr_pct) / 100 * arm.n + 0.5)))
+                k_pcr = count_from_pct(float(arm.pcr_pct), arm.n)
+                k_mpr = max(k_pcr, count_from_pct(float(arm.mpr_pct), arm.n))
                 sz["pathology_n"] = float(arm.n)
                 sz["pathology_counts"] = np.array([k_pcr, k_mpr - k_pcr, arm.n - k_mpr], float)
                 self._pathology.append(jnp.asarray(np.nan_to_num(lib.pathology)))
@@ -862,9 +863,8 @@ class LibraryModel:
             self.fixed_ess, self.fixed_ess_source = m, "given"
         elif self.mc_error == "fixed":
             self.fixed_ess_source = f"median Kish ESS over {prior_ess_draws} prior draws"
-            draws = jnp.asarray(self.sample_prior(jax.random.PRNGKey(0), prior_ess_draws))
-            ess = jax.jit(jax.vmap(lambda th: jnp.stack([a.ess for a in self._predict(th)])))(draws)
-            self.fixed_ess = np.median(np.asarray(ess), axis=0)
+            self.fixed_ess = self.median_ess(self.sample_prior(jax.random.PRNGKey(0), prior_ess_draws),
+                                             n=prior_ess_draws)
         self.log_posterior = jax.jit(self._log_posterior)
         self.log_likelihood = jax.jit(self._log_likelihood)
 
@@ -971,22 +971,21 @@ class LibraryModel:
         out = []
         if self.mc_error == "fixed":
             ess = self.fixed_ess
+
+        def one_term(n, m):  # a term over n trial patients against a cohort worth m (0: no term)
+            if self.mc_error == "none" or n <= 0:
+                return n
+            n_eff = 1.0 / (1.0 / n + 1.0 / m)
+            return float(max(1, round(n_eff))) if self.mc_error == "fixed" else n_eff
+
         for sz, m in zip(self._data_sizes, ess):
-            if self.mc_error != "none":
-                n_resp = 1.0 / (1.0 / sz["response_n"] + 1.0 / m) if sz["response_n"] > 0 else 0.0
-                n_pfs = 1.0 / (1.0 / sz["pfs_at_risk"] + 1.0 / (m * sz["pfs_start"])) if len(sz["pfs_at_risk"]) else \
-                    sz["pfs_at_risk"]
+            n_pfs = sz["pfs_at_risk"]
+            if self.mc_error != "none" and len(n_pfs):
+                n_pfs = 1.0 / (1.0 / n_pfs + 1.0 / (m * sz["pfs_start"]))
                 if self.mc_error == "fixed":
-                    n_resp = float(max(1, round(n_resp))) if sz["response_n"] > 0 else 0.0
                     n_pfs = np.maximum(1.0, np.round(np.asarray(n_pfs, float)))
-            else:
-                n_resp, n_pfs = sz["response_n"], sz["pfs_at_risk"]
-            n_path = sz["pathology_n"]
-            if self.mc_error != "none" and n_path > 0:
-                n_path = 1.0 / (1.0 / n_path + 1.0 / m)
-                if self.mc_error == "fixed":
-                    n_path = float(max(1, round(n_path)))
-            out.append({"response_n": n_resp, "pfs_at_risk": n_pfs, "pathology_n": n_path})
+            out.append({"response_n": one_term(sz["response_n"], m), "pfs_at_risk": n_pfs,
+                        "pathology_n": one_term(sz["pathology_n"], m)})
         return out
 
     def arm_log_likelihoods(self, pred, data: Sequence[dict] | None = None) -> jax.Array:
