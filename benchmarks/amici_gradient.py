@@ -116,6 +116,15 @@ def qspjax_problem(problem_dir: Path, all_days: np.ndarray | None = None):
 # ---------------------------------------------------------------------------------------------
 # AMICI
 # ---------------------------------------------------------------------------------------------
+def _floats_stay_floats(importer) -> None:
+    """AMICI's MathML parser (sbmlmath) turns every float literal into an exact sympy Rational; a
+    power with a fractional exponent of a product holding such rationals (the export's diameter and
+    Hill terms) then makes sympy look for exact integer roots of their 16-20 digit numerators,
+    which stalled the import for > 5 min in one rule. Floats stay floats."""
+    if hasattr(getattr(importer, "_mathml_parser", None), "floats_as_rationals"):
+        importer._mathml_parser.floats_as_rationals = False
+
+
 def amici_model(problem_dir: Path, verbose: bool = False):
     """The compiled AMICI model of the exported SBML (cached by the SBML's hash), its 4 parameters
     free and every other parameter fixed; returns (module, seconds spent compiling, 0 if cached).
@@ -137,12 +146,7 @@ def amici_model(problem_dir: Path, verbose: bool = False):
         fixed = [p.getId() for p in m.getListOfParameters()
                  if p.getId() not in PARAMS and p.getId() not in ruled and p.getId() not in assigned and p.getConstant()]
         importer = SbmlImporter(str(problem_dir / "model.xml"))
-        # AMICI's MathML parser (sbmlmath) turns every float literal into an exact sympy Rational; a
-        # power with a fractional exponent of a product holding such rationals (the export's
-        # diameter and Hill terms) then makes sympy look for exact integer roots of their 16-20
-        # digit numerators, which stalled the import for > 5 min in one rule. Floats stay floats.
-        if hasattr(getattr(importer, "_mathml_parser", None), "floats_as_rationals"):
-            importer._mathml_parser.floats_as_rationals = False
+        _floats_stay_floats(importer)
         importer.sbml2amici(
             name, str(out), verbose=verbose, fixed_parameters=fixed,
             observation_model=[MeasurementChannel(OBS_ID, name="log tumor diameter", formula=f"log({DIAMETER_ID})",
@@ -165,12 +169,11 @@ def pypesto_objective(problem_dir: Path, out: Path):
 
     init = SbmlImporter.__init__
 
-    def floats_stay_floats(self, *a, **k):  # as in amici_model: float literals are not made exact
+    def init_with_floats(self, *a, **k):  # pyPESTO creates the importer: the setting goes in its init
         init(self, *a, **k)
-        if hasattr(getattr(self, "_mathml_parser", None), "floats_as_rationals"):
-            self._mathml_parser.floats_as_rationals = False
+        _floats_stay_floats(self)
 
-    SbmlImporter.__init__ = floats_stay_floats
+    SbmlImporter.__init__ = init_with_floats
     try:
         problem = petab.Problem.from_yaml(str(problem_dir / "problem.yaml"))
         importer = pypesto.petab.PetabImporter(problem, output_folder=str(out), model_name="qspjax_petab")
