@@ -1,6 +1,7 @@
 """Coverage of the patient digital twin on synthetic patients drawn from the model.
 
-Each patient: deviations z ~ N(0, I) (the population prior), solved under the history regimen,
+Each patient: deviations z from the twin's prior (standard normal, kept with the probability of
+the population's smooth plausibility screen: :func:`qspjax.analysis.twin.prior_draws`), solved under the history regimen,
 read at ``--fit-days`` (fitted) and ``--future-days`` (held back) with the stated measurement
 error (:data:`qspjax.analysis.twin.MEASUREMENT_ERROR_SOURCE`). The twin is fitted to the fitted
 reads only and its posterior-predictive 90 % intervals (measurement noise included) of the held-back
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=60)
     p.add_argument("--max-tree-depth", type=int, default=5)
     p.add_argument("--predictive-draws", type=int, default=40)
+    p.add_argument("--start-candidates", type=int, default=32,
+                   help="prior draws the chains' starting points are resampled from (by likelihood)")
     p.add_argument("--fit-days", type=float, nargs="+", default=[0.0, 42.0, 84.0])
     p.add_argument("--future-days", type=float, nargs="+", default=[126.0, 168.0])
     p.add_argument("--history", default="configs/regimens/pembrolizumab_200mg_q3w.yaml")
@@ -102,18 +105,24 @@ def main(args) -> dict:
     cfg = twin.TwinConfig(horizon_days=horizon + 1.0, chains=args.chains, warmup=args.warmup, samples=args.samples,
                           max_tree_depth=args.max_tree_depth, predictive_draws=args.predictive_draws)
     rng = np.random.default_rng(args.seed)
-    z_all = rng.standard_normal((args.patients, sim.dim))
+    pdl1 = sim.tps_multipliers[sim.default_tps_class]
+    grid = np.unique(np.concatenate([[0.0], all_days]))
+    sched = compile_schedule(history, sim.drugs, grid, 2, timeline_points(history, grid))
+    t_prior = time.perf_counter()
+    # The truths and the chains' candidate starting points: draws of the twin's own prior.
+    z_all, _, truth_screening = twin.prior_draws(sim, args.patients, rng, sched, pdl1)
+    z_start, d_start, _ = twin.prior_draws(sim, args.start_candidates, rng, sched, pdl1)
+    print(f"prior draws: {truth_screening} ({time.perf_counter() - t_prior:.0f} s incl. compile)", flush=True)
     count = args.patients - args.start if args.count is None else args.count
     design = {"simulator": type(sim).__name__, "parameters": list(sim.names), "fit_days": fit_days,
               "future_days": fut_days, "lesions": list(twin.LESIONS), "history": args.history,
               "chains": args.chains, "warmup": args.warmup, "samples": args.samples,
               "max_tree_depth": args.max_tree_depth, "predictive_draws": args.predictive_draws,
               "measurement_error_model": twin.MEASUREMENT_ERROR_SOURCE, "seed": args.seed,
-              "interval": "central 90 % (5th-95th percentiles)"}
+              "interval": "central 90 % (5th-95th percentiles)", "truth_screening": truth_screening,
+              "start_candidates": args.start_candidates,
+              "autodiff": getattr(getattr(sim, "config", None), "autodiff", "reverse")}
     out = {"design": design, "provenance": provenance(vars(args), args.seed), "patients": [], "summary": {}}
-    pdl1 = sim.tps_multipliers[sim.default_tps_class]
-    grid = np.unique(np.concatenate([[0.0], all_days]))
-    sched = compile_schedule(history, sim.drugs, grid, 2, timeline_points(history, grid))
     t_start = time.perf_counter()
     for i in range(args.start, args.start + count):
         t0 = time.perf_counter()
@@ -128,13 +137,16 @@ def main(args) -> dict:
         fit_mask = full.day <= max(fit_days) + 1e-9
         patient = twin.PatientData(f"synthetic-{i}", full.day[fit_mask], full.lesion[fit_mask], full.diameter_mm[fit_mask])
         data = twin.fit_data(patient, history, sim.drugs, pdl1)
+        fit_idx = np.searchsorted(grid, patient.day)
+        inits = twin.starting_points(z_start, d_start[:, fit_idx, patient.lesion], patient, args.chains,
+                                     np.random.default_rng([args.seed, i, 1]))
         chains = twin.run_nuts(sim, data, chains=args.chains, warmup=args.warmup, samples=args.samples,
                                seed=args.seed * 1000 + i, max_tree_depth=args.max_tree_depth,
-                               report_every=args.report_every)
+                               report_every=args.report_every, inits=inits)
         diag = twin.diagnostics(chains, sim)
         flat = chains.z.reshape(-1, sim.dim)
         take = np.unique(np.linspace(0, flat.shape[0] - 1, min(args.predictive_draws, flat.shape[0])).round().astype(int))
-        d, okp = twin.solve_draws(sim, flat[take], sched, pdl1, chunk=8)
+        d, okp, _ = twin.solve_draws(sim, flat[take], sched, pdl1, chunk=8)
         d = d[okp]
         fut_mask = ~fit_mask
         idx = np.searchsorted(grid, full.day[fut_mask])

@@ -361,18 +361,50 @@ def _grow_jit(models, species, diameter_cm, second_ratio, config):
 PLAUSIBILITY_REASONS = ("growth_failed", "volume_doubling_days", "growth_days", "blood_cd8_cells")
 
 
+def baseline_growth_rate(model, y):
+    """d ln V / dt of the index lesion's volume on the model's right-hand side at state ``y`` (1/day)."""
+    volume = lambda state: model.lesion_volume(state)[0]
+    v, dv = jax.jvp(volume, (y,), (model.rates(y),))
+    return dv / v
+
+
+SOFT_SCREEN_WIDTH = 0.05
+
+
+def log_soft_plausibility(rule: Plausibility, growth_rate, growth_days, blood_cd8_cells,
+                          width: float = SOFT_SCREEN_WIDTH):
+    """A smooth log of the plausibility filter's indicator, for densities (the twin's prior).
+
+    The filter keeps a patient when every readout lies in its range; a density cannot have that
+    step in it (NUTS diverges on it), so each finite, non-zero bound ``b`` contributes
+    ``log sigmoid((x - b) / (width |b|))`` (lower) or ``log sigmoid((b - x) / (width |b|))``
+    (upper): about 0 inside the range, log(1/2) at the bound, falling linearly beyond it (by 1 per
+    ``width`` of the bound: 20 at twice an upper bound with the default 5 %). The doubling-time
+    range acts on its reciprocal, the growth rate ln 2 / doubling, which is finite for a tumour that
+    does not grow; bounds at 0 or infinity constrain nothing for these non-negative quantities.
+    """
+    log2 = math.log(2.0)
+
+    def lower(x, b):
+        return jax.nn.log_sigmoid((x - b) / (width * abs(b))) if 0.0 < abs(b) < math.inf else 0.0
+
+    def upper(x, b):
+        return jax.nn.log_sigmoid((b - x) / (width * abs(b))) if 0.0 < abs(b) < math.inf else 0.0
+
+    lo, hi = rule.volume_doubling_days
+    out = upper(growth_rate, log2 / lo if lo > 0 else math.inf) + lower(growth_rate, log2 / hi)
+    out = out + lower(growth_days, rule.growth_days[0]) + upper(growth_days, rule.growth_days[1])
+    out = out + lower(blood_cd8_cells, rule.blood_cd8_cells[0]) + upper(blood_cd8_cells, rule.blood_cd8_cells[1])
+    return out
+
+
 def baseline_readouts(cohort: Cohort) -> dict[str, np.ndarray]:
     """Per-patient baseline quantities the plausibility filter looks at (numpy, (n,)).
 
     The volume doubling time is ln 2 over the instantaneous untreated growth rate of the index
     lesion's volume, d ln V / dt, evaluated on the model's right-hand side at baseline.
     """
-    def growth_rate(model, y):
-        volume = lambda state: model.lesion_volume(state)[0]
-        v, dv = jax.jvp(volume, (y,), (model.rates(y),))
-        return dv / v
-
-    rate = np.asarray(_baseline_growth_rate_jit(cohort.model, cohort.y0, growth_rate))
+    rate = np.asarray(_baseline_growth_rate_jit(cohort.model, cohort.y0, baseline_growth_rate))
     with np.errstate(divide="ignore"):
         doubling = np.where(rate > 0, math.log(2.0) / np.where(rate > 0, rate, 1.0), np.inf)
     return {
@@ -408,13 +440,15 @@ class BaselineTarget:
     """A trial arm's baseline mix a virtual cohort is matched to (what the arm reports).
 
     ``tps_probabilities``: PD-L1 class fractions (<1 %, 1–49 %, ≥50 %) or None;
-    ``diameter_median_cm``: median index-lesion diameter or None. ``notes`` says what was used
-    and what could not be (stage mix: the model has no nodal or metastatic stage).
+    ``diameter_median_cm``: median index-lesion diameter or None; ``second_lesion``: False where
+    the patients have one lesion (the model's second lesion is seeded empty). ``notes`` says what
+    was used and what could not be (stage mix: the model has no nodal or metastatic stage).
     """
 
     tps_probabilities: tuple[float, float, float] | None = None
     diameter_median_cm: float | None = None
     notes: tuple[str, ...] = ()
+    second_lesion: bool = True
 
 
 def target_from_arm(arm) -> BaselineTarget:
@@ -436,7 +470,12 @@ def target_from_arm(arm) -> BaselineTarget:
         notes.append(f"tumor size '{arm.tumor_size_text}' is not a diameter; population default kept")
     if arm.stage_mix or arm.stage_text:
         notes.append("stage mix not matched: the model has no nodal or metastatic stage")
-    return BaselineTarget(tps, diameter, tuple(notes))
+    # Early-stage disease (stage I-II, node-negative, no metastasis) is one tumour: the model's
+    # second lesion, a metastasis or nodal deposit elsewhere, has no counterpart and is left empty.
+    second = getattr(arm, "setting", None) != "early_stage"
+    if not second:
+        notes.append("early-stage setting: one lesion (the model's second lesion is seeded empty)")
+    return BaselineTarget(tps, diameter, tuple(notes), second)
 
 
 def _median_diameter_cm(text: str | None) -> float | None:
@@ -461,4 +500,6 @@ def matched_spec(spec: PopulationSpec, target: BaselineTarget | None) -> Populat
         changes["tps_probabilities"] = target.tps_probabilities
     if target.diameter_median_cm is not None:
         changes["diameter_median_cm"] = target.diameter_median_cm
+    if not target.second_lesion:
+        changes["second_lesion_median"] = 0.0
     return dataclasses.replace(spec, **changes)

@@ -255,3 +255,56 @@ def test_qsp_coverage_script_small_run(tmp_path):
     assert res["summary"]["patients_done"] == 2 and res["summary"]["complete"] is True
     for p in res["patients"]:
         assert p["status"] == "fitted" and len(p["future_read_in_90"]) == 2 and len(p["theta_in_90"]) == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# The prior is the screened population; forward-mode gradients; chains start inside the prior
+# ---------------------------------------------------------------------------------------------
+def test_forward_mode_gradient_gives_the_reverse_mode_gradient_and_the_same_value():
+    import jax
+    import jax.numpy as jnp
+
+    f = lambda z: jnp.sum(jnp.sin(z)) * jnp.exp(z[0]) + z[1] ** 3
+    g = twin.forward_mode_gradient(f)
+    z = jnp.asarray([0.3, -1.2, 2.0])
+    value, grad = jax.jit(jax.value_and_grad(g))(z)
+    np.testing.assert_allclose(float(value), float(f(z)), rtol=1e-15)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.grad(f)(z)), rtol=1e-13)
+
+
+class _ScreenedToy(twin.ToyTwinSimulator):
+    """The toy with a plausibility screen that keeps a draw with z0 > 0 with probability 1/4."""
+
+    def __call__(self, z, schedule, pdl1_multiplier):
+        import jax.numpy as jnp
+
+        d, ok, _ = super().__call__(z, schedule, pdl1_multiplier)
+        return d, ok, jnp.where(z[0] > 0, math.log(0.25), 0.0)
+
+
+def test_prior_draws_keep_each_draw_with_the_probability_of_its_screen():
+    from qspjax.regimen import compile_schedule, timeline_points
+
+    sim = _ScreenedToy()
+    history = load_regimen(HISTORY)
+    grid = np.array([0.0, 42.0])
+    sched = compile_schedule(history, sim.drugs, grid, 2, timeline_points(history, grid))
+    z, d, record = twin.prior_draws(sim, 400, np.random.default_rng(3), sched, 1.0, chunk=64)
+    assert z.shape == (400, sim.dim) and d.shape[0] == 400 and record["kept"] == 400
+    # kept: P(z0 > 0 | kept) = 0.5 * 0.25 / (0.5 * 0.25 + 0.5) = 0.2; acceptance 0.625 (sd ~0.02 each)
+    assert 0.13 < np.mean(z[:, 0] > 0) < 0.27
+    assert 0.55 < record["acceptance"] < 0.70
+
+
+def test_chains_start_at_prior_draws_resampled_by_their_likelihood():
+    patient = twin.load_patient(_write(Path(__import__("tempfile").mkdtemp()), GOOD), 200.0)
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((50, 3))
+    d = np.full((50, patient.n), 80.0)  # far from every read
+    d[[7, 21, 33]] = patient.diameter_mm  # these three reproduce the reads
+    start = twin.starting_points(z, d, patient, 2, rng)
+    rows = {int(np.flatnonzero(np.all(z == s, axis=1))[0]) for s in start}
+    assert len(rows) == 2 and rows <= {7, 21, 33}
+    # fewer likely draws than chains: the most likely ones repeat
+    start = twin.starting_points(z, d, patient, 4, rng)
+    assert {int(np.flatnonzero(np.all(z == s, axis=1))[0]) for s in start} <= {7, 21, 33}

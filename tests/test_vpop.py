@@ -69,3 +69,33 @@ def test_population_file_plausibility_ranges_load_and_bad_ones_are_refused(tmp_p
     bad.write_text(text.replace("growth_days:", "growth_dayz:"))
     with pytest.raises(QSPValidationError, match="plausibility.growth_dayz"):
         load_population(bad)
+
+
+def test_soft_plausibility_is_flat_inside_half_at_each_bound_and_steep_beyond():
+    """The twin's prior carries the plausibility filter as a smooth factor: ~1 well inside every
+    range, 1/2 at a bound, e^-20 at twice an upper bound (5 % width), and it ranks draws as the
+    hard filter does away from the bounds."""
+    from qspjax.vpop import log_soft_plausibility
+
+    rule = Plausibility(volume_doubling_days=(20.0, 2000.0), growth_days=(0.0, 3650.0), blood_cd8_cells=(0.0, math.inf))
+    rate = lambda doubling: math.log(2.0) / doubling
+    f = lambda r, g, c=1e6: float(log_soft_plausibility(rule, r, g, c))
+    assert f(rate(200.0), 1000.0) == pytest.approx(0.0, abs=1e-6)
+    assert f(rate(200.0), 3650.0) == pytest.approx(math.log(0.5), abs=1e-6)
+    assert f(rate(200.0), 7300.0) == pytest.approx(-20.0, abs=1e-6)
+    assert f(rate(2000.0), 1000.0) == pytest.approx(math.log(0.5), abs=1e-6)
+    assert f(rate(20.0), 1000.0) == pytest.approx(math.log(0.5), abs=1e-6)
+    assert f(-1e-3, 1000.0) < -15.0  # a tumour that does not grow is screened out, finitely
+    assert f(rate(10.0), 1000.0) < -15.0  # doubling faster than 20 days
+    # differentiable: the gradient in the growth days is finite and negative beyond the bound
+    g = jax.grad(lambda t: log_soft_plausibility(rule, rate(200.0), t, 1e6))(jnp.asarray(4000.0))
+    assert np.isfinite(float(g)) and float(g) < 0.0
+    # agrees with the hard filter where a read lies more than 20 % from every bound
+    rng = np.random.default_rng(0)
+    doubling = np.exp(rng.uniform(np.log(5.0), np.log(8000.0), 400))
+    days = rng.uniform(0.0, 8000.0, 400)
+    hard = (doubling >= 20.0) & (doubling <= 2000.0) & (days <= 3650.0)
+    soft = np.asarray(log_soft_plausibility(rule, jnp.log(2.0) / doubling, days, 1e6)) > math.log(0.5)
+    far = (np.minimum(np.abs(np.log(doubling / 20.0)), np.abs(np.log(doubling / 2000.0))) > 0.2) & \
+        (np.abs(days / 3650.0 - 1.0) > 0.2)
+    assert far.sum() > 200 and np.all(hard[far] == soft[far])

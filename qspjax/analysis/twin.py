@@ -278,7 +278,7 @@ def switch_regimen(history: Regimen, candidate: Regimen, decision_day: float) ->
     chemo += [ChemoCourse(c.interval_days, c.start_day + decision_day, c.cycles, c.name, c.kill_fraction)
               for c in candidate.chemo]
     surgery = [s for s in history.surgery if before(s.day)]
-    surgery += [Surgery(s.day + decision_day, s.lesion) for s in candidate.surgery]
+    surgery += [Surgery(s.day + decision_day, s.lesion, s.pathology) for s in candidate.surgery]
     return Regimen(candidate.name, tuple(ici), tuple(rt), tuple(chemo), tuple(surgery), candidate.description,
                    candidate.source)
 
@@ -301,7 +301,12 @@ class QSPTwinSimulator:
 
         self.params, self.spec = params, spec
         self.drugs = tuple(drugs)
-        self.config = config or SolverConfig(rtol=FIT_RTOL, atol=FIT_RTOL * 1e-3)
+        # The pre-treatment growth may run to twice the plausibility screen's longest growth, so
+        # the solver's own limit lies where the smooth screen has already fallen by ~e^-20.
+        longest = spec.plausibility.growth_days[1]
+        self.config = config or SolverConfig(rtol=FIT_RTOL, atol=FIT_RTOL * 1e-3, autodiff="forward",
+                                             pretreatment_max_days=2.0 * longest if math.isfinite(longest)
+                                             else SolverConfig.pretreatment_max_days)
         missing = [n for n in PATIENT_PARAMETERS if n not in spec.cv]
         self.varied = tuple(n for n in PATIENT_PARAMETERS if n in spec.cv)
         self.missing = tuple(missing)
@@ -327,10 +332,11 @@ class QSPTwinSimulator:
         return {n: {"median": self.median[n], "log_sd": self.sd[n], "distribution": "lognormal"} for n in self.names}
 
     def __call__(self, z, schedule, pdl1_multiplier):
-        """(diameters in mm (G, L), ok) for one patient."""
+        """(diameters in mm (G, L), ok, log screen) for one patient: the log of the population's
+        smooth plausibility screen (:func:`qspjax.vpop.log_soft_plausibility`) at this draw's baseline."""
         from qspjax.model.reference import state_from_species
         from qspjax.solver.simulate import STATUS_OK, grow_to_baseline, simulate_patient, untreated_seed_state
-        from qspjax.vpop import build_models
+        from qspjax.vpop import baseline_growth_rate, build_models, log_soft_plausibility
 
         values = {n: jnp.reshape(self.median[n] * jnp.exp(self.sd[n] * z[i]), (1,)) for i, n in enumerate(self.varied)}
         k = len(self.varied)
@@ -340,11 +346,12 @@ class QSPTwinSimulator:
         model = jax.tree_util.tree_map(lambda x: x[0], model)
         seed = untreated_seed_state(model, state_from_species(model, self.params.initial_state))
         seed["C1"] = seed["C1"].at[1].multiply(ratio ** 3)
-        y0, grow_status, _ = grow_to_baseline(model, seed, diameter_cm, self.config)
+        y0, grow_status, grow_days = grow_to_baseline(model, seed, diameter_cm, self.config)
+        screen = log_soft_plausibility(self.spec.plausibility, baseline_growth_rate(model, y0), grow_days, y0["T1_C"])
         traj = simulate_patient(model, y0, schedule, self.config)
         d = 10.0 * jax.vmap(model.observables)(traj.ys)["tumor_diameter_cm"]
-        ok = (grow_status == STATUS_OK) & (traj.status == STATUS_OK) & jnp.all(jnp.isfinite(d))
-        return jnp.where(jnp.isfinite(d), d, 0.0), ok
+        ok = (grow_status == STATUS_OK) & (traj.status == STATUS_OK) & jnp.all(jnp.isfinite(d)) & jnp.isfinite(screen)
+        return jnp.where(jnp.isfinite(d), d, 0.0), ok, jnp.where(ok, screen, -jnp.inf)
 
 
 class ToyTwinSimulator:
@@ -373,7 +380,7 @@ class ToyTwinSimulator:
                                  jnp.sum(schedule.dose_mg, axis=1)[None, :], 0.0), axis=1)
         log_d = jnp.log(d0) + g * t - k * upto / 1000.0
         d = jnp.exp(log_d)[:, None] * jnp.asarray([1.0, 0.6])[None, :]
-        return d, jnp.asarray(True)
+        return d, jnp.asarray(True), jnp.asarray(0.0)
 
 
 # =============================================================================================
@@ -425,11 +432,35 @@ def fit_data(patient: PatientData, history: Regimen, drugs: Sequence[str], pdl1_
 
 
 def _log_density(simulator, z, data):
-    d, ok = simulator(z, data["schedule"], data["pdl1_multiplier"])
+    """Log posterior density of the deviations (up to a constant): the reads' likelihood, the
+    standard-normal population prior and the population's smooth plausibility screen (the twin's
+    prior is the population a trial draws from: lognormal spreads, then screened)."""
+    d, ok, screen = simulator(z, data["schedule"], data["pdl1_multiplier"])
     d_obs = d[data["obs_index"], data["obs_lesion"]]
     ll = jnp.sum(read_log_likelihood(d_obs, data["y"], data["censored"]))
-    prior = -0.5 * jnp.sum(z ** 2)
+    prior = -0.5 * jnp.sum(z ** 2) + screen
     return jnp.where(ok & jnp.isfinite(ll), ll + prior, -jnp.inf)
+
+
+def forward_mode_gradient(f: Callable) -> Callable:
+    """``f`` (R^D -> R) whose reverse-mode derivative (what NUTS asks for) is computed in forward
+    mode: the value and all D directional derivatives in one pass (``jax.vmap`` of ``jax.jvp`` over
+    the unit vectors; the primal solve is shared, not batched). For an ODE solve with few
+    parameters this is cheaper than reverse mode, which stores or recomputes the forward solve."""
+
+    @jax.custom_vjp
+    def g(z):
+        return f(z)
+
+    def g_fwd(z):
+        values, grad = jax.vmap(lambda t: jax.jvp(f, (z,), (t,)))(jnp.eye(z.shape[0], dtype=z.dtype))
+        return values[0], grad
+
+    def g_bwd(grad, ct):
+        return (ct * grad,)
+
+    g.defvjp(g_fwd, g_bwd)
+    return g
 
 
 @functools.partial(jax.jit, static_argnames=("simulator", "warmup", "samples", "max_tree_depth", "target_accept",
@@ -440,6 +471,8 @@ def _run_chain(key, z0, data, *, simulator, warmup, samples, max_tree_depth, tar
     def potential(z):
         return -_log_density(simulator, z, data)
 
+    if getattr(getattr(simulator, "config", None), "autodiff", "reverse") == "forward":
+        potential = forward_mode_gradient(potential)
     kernel = NUTS(potential_fn=potential, max_tree_depth=max_tree_depth, target_accept_prob=target_accept,
                   dense_mass=True)
     state = kernel.init(key, warmup, init_params=z0)
@@ -468,18 +501,37 @@ class Chains:
     seconds: float
 
 
+def starting_points(z: np.ndarray, d_at_reads: np.ndarray, patient: PatientData, k: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """``k`` starting points for the chains, inside the screened prior and spread like the
+    posterior: prior draws (rows of ``z``, their diameters at the reads ``d_at_reads``) resampled
+    without replacement with weights proportional to their likelihood (sampling-importance
+    resampling, Rubin 1988); where fewer than ``k`` draws carry weight, the most likely repeat."""
+    ll = np.sum(np.asarray(read_log_likelihood(d_at_reads, patient.diameter_mm, patient.censored)), axis=1)
+    ll = np.where(np.isfinite(ll), ll, -np.inf)
+    w = np.exp(ll - np.max(ll))
+    carrying = int(np.count_nonzero(w > 1e-12))
+    if carrying >= k:
+        return z[rng.choice(len(z), size=k, replace=False, p=w / w.sum())]
+    top = np.argsort(-ll)[:max(carrying, 1)]
+    return z[top[np.arange(k) % len(top)]]
+
+
 def run_nuts(simulator, data: FitData, *, chains: int = 2, warmup: int = 100, samples: int = 100, seed: int = 0,
              max_tree_depth: int = 4, target_accept: float = 0.8, init_radius: float = 0.5,
-             progress: Callable[[str], None] | None = None, report_every: int = 0) -> Chains:
-    """``chains`` NUTS chains one after another (one compile); each starts at a uniform draw in
-    [-init_radius, init_radius]^D around the population median."""
+             progress: Callable[[str], None] | None = None, report_every: int = 0,
+             inits: np.ndarray | None = None) -> Chains:
+    """``chains`` NUTS chains one after another (one compile); chain c starts at ``inits[c]``, or
+    without ``inits`` at a uniform draw in [-init_radius, init_radius]^D around the population
+    median."""
     key = jax.random.PRNGKey(seed)
     tree = data.tree()
     out = []
     t0 = time.perf_counter()
     for c in range(chains):
         key, k_init, k_run = jax.random.split(key, 3)
-        z0 = jax.random.uniform(k_init, (simulator.dim,), minval=-init_radius, maxval=init_radius, dtype=float)
+        z0 = (jnp.asarray(inits[c], dtype=float) if inits is not None else
+              jax.random.uniform(k_init, (simulator.dim,), minval=-init_radius, maxval=init_radius, dtype=float))
         trace = _run_chain(k_run, z0, tree, simulator=simulator, warmup=warmup, samples=samples,
                            max_tree_depth=max_tree_depth, target_accept=target_accept, report_every=report_every)
         out.append(jax.tree_util.tree_map(np.asarray, trace))
@@ -548,16 +600,40 @@ def _solve_batch(zs, schedule, pdl1_multiplier, *, simulator):
 
 
 def solve_draws(simulator, zs: np.ndarray, schedule, pdl1_multiplier: float, chunk: int = 8):
-    """Diameters (n, G, L) and ok (n,) of each row of ``zs``, in fixed-size chunks (one compile)."""
+    """Diameters (n, G, L), ok (n,) and the log plausibility screen (n,) of each row of ``zs``, in
+    fixed-size chunks (one compile)."""
     n = zs.shape[0]
-    ds, oks = [], []
+    ds, oks, screens = [], [], []
     for start in range(0, n, chunk):
         idx = np.minimum(np.arange(start, start + chunk), n - 1)
-        d, ok = _solve_batch(jnp.asarray(zs[idx]), schedule, jnp.asarray(pdl1_multiplier, dtype=float), simulator=simulator)
+        d, ok, screen = _solve_batch(jnp.asarray(zs[idx]), schedule, jnp.asarray(pdl1_multiplier, dtype=float),
+                                     simulator=simulator)
         m = min(chunk, n - start)
         ds.append(np.asarray(d)[:m])
         oks.append(np.asarray(ok)[:m])
-    return np.concatenate(ds), np.concatenate(oks)
+        screens.append(np.asarray(screen)[:m])
+    return np.concatenate(ds), np.concatenate(oks), np.concatenate(screens)
+
+
+def prior_draws(simulator, n: int, rng: np.random.Generator, schedule, pdl1_multiplier: float, chunk: int = 8,
+                max_rounds: int = 20):
+    """``n`` draws of the twin's prior (the screened population) by rejection: standard-normal
+    deviations, each kept with probability exp(log screen) when it solves. Returns (z (n, D),
+    diameters (n, G, L), record of draws tried and kept); fewer than ``n`` rows only if
+    ``max_rounds`` rounds could not find them."""
+    zs, ds, tried = [], [], 0
+    for _ in range(max_rounds):
+        need = n - sum(len(z) for z in zs)
+        if need <= 0:
+            break
+        z = rng.standard_normal((max(need, chunk), simulator.dim))
+        d, ok, screen = solve_draws(simulator, z, schedule, pdl1_multiplier, chunk)
+        keep = ok & (rng.random(len(z)) < np.exp(np.where(ok, screen, -np.inf)))
+        tried += len(z)
+        zs.append(z[keep][:need])
+        ds.append(d[keep][:need])
+    z, d = np.concatenate(zs), np.concatenate(ds)
+    return z, d, {"tried": tried, "kept": int(len(z)), "acceptance": len(z) / max(tried, 1)}
 
 
 def conflict_check(patient: PatientData, d_obs_prior: np.ndarray, ok_prior: np.ndarray, d_obs_post: np.ndarray,
@@ -757,8 +833,8 @@ def fit_twin(patient: PatientData, history: Regimen, candidates: Sequence[tuple[
 
     t0 = time.perf_counter()
     log(f"prior check: {config.prior_draws} population draws under the history")
-    z_prior = rng.standard_normal((config.prior_draws, simulator.dim))
-    d_prior, ok_prior = solve_draws(simulator, z_prior, schedules[0], pdl1, config.chunk)
+    z_prior, d_prior, screening = prior_draws(simulator, config.prior_draws, rng, schedules[0], pdl1, config.chunk)
+    ok_prior = np.ones(len(z_prior), bool)
     timing["prior_check_s"] = time.perf_counter() - t0
     pre = conflict_check(patient, at_reads(d_prior), ok_prior, at_reads(d_prior), ok_prior)
     if pre.get("prior_conflict"):
@@ -770,7 +846,8 @@ def fit_twin(patient: PatientData, history: Regimen, candidates: Sequence[tuple[
         f"max tree depth {config.max_tree_depth}, {simulator.dim} parameters, {patient.n} read(s) to day {patient.last_day:g}")
     chains = run_nuts(simulator, data, chains=config.chains, warmup=config.warmup, samples=config.samples,
                       seed=config.seed, max_tree_depth=config.max_tree_depth, target_accept=config.target_accept,
-                      progress=log, report_every=config.report_every if progress else 0)
+                      progress=log, report_every=config.report_every if progress else 0,
+                      inits=starting_points(z_prior, at_reads(d_prior), patient, config.chains, rng))
     timing["nuts_s"] = chains.seconds
     diag = diagnostics(chains, simulator)
     diag["seconds"] = chains.seconds
@@ -783,11 +860,12 @@ def fit_twin(patient: PatientData, history: Regimen, candidates: Sequence[tuple[
     preds = {}
     for (name, _, f), sched in zip(regimens, schedules):
         log(f"predicting {name}: {len(zs)} posterior draws to day {config.horizon_days:g}")
-        d, ok = solve_draws(simulator, zs, sched, pdl1, config.chunk)
+        d, ok, _ = solve_draws(simulator, zs, sched, pdl1, config.chunk)
         preds[name] = {"d": d, "ok": ok, "file": f}
     timing["prediction_s"] = time.perf_counter() - t0
     first = preds[regimens[0][0]]
     conflict = conflict_check(patient, at_reads(d_prior), ok_prior, at_reads(first["d"]), first["ok"])
+    conflict["prior_screening"] = screening
     refused = diagnose(diag, conflict, max_rhat=config.max_rhat, min_ess=config.min_ess,
                        max_divergent_fraction=config.max_divergent_fraction)
     prior_dom = prior_domination(chains, patient)
@@ -955,7 +1033,7 @@ def synthetic_patient(simulator, z: np.ndarray, history: Regimen, days: Sequence
     grid = np.unique(np.concatenate([[0.0], np.asarray(days, float)]))
     sched = compile_schedule(history, simulator.drugs, grid, 2, timeline_points(history, grid))
     mult = simulator.tps_multipliers[simulator.default_tps_class] if pdl1_multiplier is None else pdl1_multiplier
-    d, ok = solve_draws(simulator, np.asarray(z, float)[None, :], sched, mult, chunk=1)
+    d, ok, _ = solve_draws(simulator, np.asarray(z, float)[None, :], sched, mult, chunk=1)
     d = d[0][np.searchsorted(grid, np.asarray(days, float))]
     rows_day, rows_les, rows_y = [], [], []
     for j, t in enumerate(days):

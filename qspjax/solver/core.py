@@ -64,6 +64,8 @@ class SolverConfig:
     at 32 lanes solves 1.9x faster than lock-step chunks of 32 (``benchmarks/RESULTS.md``).
     ``checkpoint_segments`` (lock-step path, reverse mode): rematerialise each event segment's
     solve in the backward pass (``jax.checkpoint``) instead of storing every solve's residuals.
+    ``autodiff``: ``"reverse"`` (default) or ``"forward"``, the mode the solves are differentiated
+    in (:meth:`adjoint`); forward mode cannot be reverse-differentiated and vice versa.
     ``max_steps`` bounds one diffrax solve; a segment between two events may take up to
     ``max_restarts`` further solves of that budget (each continuing where the last stopped), so
     the total budget grows with the horizon instead of failing long follow-ups.
@@ -85,8 +87,11 @@ class SolverConfig:
     batching: str = "auto"
     lanes: int | None = None
     checkpoint_segments: bool = True
+    autodiff: str = "reverse"
 
     def __post_init__(self):
+        if self.autodiff not in ("reverse", "forward"):
+            raise ValueError(f"autodiff {self.autodiff!r}: allowed 'reverse', 'forward'")
         if self.batching not in ("auto", "queue", "lockstep"):
             raise ValueError(f"batching {self.batching!r}: allowed 'auto', 'queue', 'lockstep'")
         if self.lanes is not None and int(self.lanes) < 1:
@@ -102,13 +107,19 @@ class SolverConfig:
         if issubclass(cls, _Rodas):
             # The model's vector field does not depend on time.
             return cls(autonomous=True, sparse_jacobian=self.sparse_jacobian, nonnegative=self.nonnegative,
-                       linear_solver=self.linear_solver)
+                       linear_solver=self.linear_solver, guard_cotangents=self.autodiff == "reverse")
         # The stage equations need to be solved only well inside the local error the controller
         # accepts (Hairer & Wanner's Radau5 stops Newton at ~0.03 of it). Solving them to the
         # controller's own tolerance made ~40 % of the steps fail on Newton, not on accuracy
         # (measured: 6,488 -> 3,760 steps over the 400-day reference at a factor of 100).
         f = self.newton_tol_factor
         return cls(root_finder=dfx.VeryChord(rtol=self.rtol * f, atol=self.atol * f))
+
+    def adjoint(self):
+        """diffrax's differentiation rule for the solves: checkpointed reverse mode (default), or
+        forward mode (:class:`diffrax.ForwardMode`: ``jax.jvp``/``jax.jacfwd`` through the solve,
+        cheaper than reverse mode when the parameters are few)."""
+        return dfx.ForwardMode() if self.autodiff == "forward" else dfx.RecursiveCheckpointAdjoint()
 
     def controller(self):
         # With Kvaerno5 a PI controller (pcoeff 0.3, icoeff 0.4) halved the rejected steps
@@ -142,14 +153,15 @@ class _FlatSystem(NamedTuple):
     unravel: object
 
 
-def _flat_system(model: QSPModel, like: State) -> _FlatSystem:
+def _flat_system(model: QSPModel, like: State, guard_cotangents: bool = True) -> _FlatSystem:
     flat_scale, unravel = ravel_pytree(model.scales())
     _, unravel_y = ravel_pytree(like)
 
     def vector_field(t, z, args):
         # A rejected trial step can evaluate the rates where they are not finite; its zero
         # cotangent must not turn into NaN on the parameters (see rosenbrock.finite_cotangents).
-        dy = finite_cotangents(model).rates(unravel_y(z * flat_scale))
+        # (Not under forward-mode differentiation, which cannot pass a custom VJP.)
+        dy = (finite_cotangents(model) if guard_cotangents else model).rates(unravel_y(z * flat_scale))
         return ravel_pytree(dy)[0] / flat_scale
 
     return _FlatSystem(dfx.ODETerm(vector_field), flat_scale, unravel_y)

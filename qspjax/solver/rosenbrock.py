@@ -218,6 +218,9 @@ class _Rodas(dfx.AbstractAdaptiveSolver):
     sparse_jacobian: bool = eqx.field(static=True, default=True)
     nonnegative: bool = eqx.field(static=True, default=False)
     linear_solver: str = eqx.field(static=True, default="auto")
+    # Reverse-mode cotangent guard (:func:`finite_cotangents`); a custom VJP, which forward-mode
+    # differentiation (``SolverConfig(autodiff="forward")``) cannot pass through, so it is off there.
+    guard_cotangents: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
         if self.linear_solver not in ("auto", "sparse", "dense"):
@@ -244,7 +247,8 @@ class _Rodas(dfx.AbstractAdaptiveSolver):
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         del solver_state, made_jump
         tab = self.tableau
-        terms, t0, t1, y0, args = finite_cotangents((terms, t0, t1, y0, args))
+        if self.guard_cotangents:
+            terms, t0, t1, y0, args = finite_cotangents((terms, t0, t1, y0, args))
         z0, unravel = ravel_pytree(y0)
         dtype = z0.dtype
         span = t1 - t0

@@ -78,7 +78,7 @@ def _integrate_segment(model: QSPModel, system: _FlatSystem, z0, t0, t1, dt0, gr
         t_stop = jnp.where(status == STATUS_OK, t1, t_start)
         sol = dfx.diffeqsolve(
             system.term, config.make_solver(), t_start, t_stop, dt, z, args=alive,
-            stepsize_controller=config.controller(), max_steps=config.max_steps, event=event,
+            stepsize_controller=config.controller(), max_steps=config.max_steps, event=event, adjoint=config.adjoint(),
             saveat=dfx.SaveAt(subs=(dfx.SubSaveAt(ts=jnp.clip(grid, t_start, t_stop)), dfx.SubSaveAt(t1=True))),
             throw=False,
         )
@@ -122,7 +122,7 @@ def simulate_patient(model: QSPModel, y0: State, schedule: Schedule, config: Sol
     next_times = jnp.concatenate([times[1:], times[-1:]])
     events = schedule.events
     nan_lesions = jnp.full((model.n_lesions,), jnp.nan)
-    system = _flat_system(model, y0)
+    system = _flat_system(model, y0, config.autodiff == "reverse")
     z_first = ravel_pytree(y0)[0] / system.scale
     saved0 = jnp.zeros(grid.shape + z_first.shape, z_first.dtype)
 
@@ -365,7 +365,7 @@ def grow_to_baseline(model: QSPModel, y_seed: State, target_diameter_cm, config:
     Lesion sizes are set by their seeds' ratio; growth stops on a root-found event. Returns
     (state at baseline, status, days of growth). Differentiable in the model parameters.
     """
-    system = _flat_system(model, y_seed)
+    system = _flat_system(model, y_seed, config.autodiff == "reverse")
 
     def cond_fn(t, y, args, **kwargs):
         y = system.unravel(y * system.scale)
@@ -375,7 +375,7 @@ def grow_to_baseline(model: QSPModel, y_seed: State, target_diameter_cm, config:
     z0 = ravel_pytree(y_seed)[0] / system.scale
     sol = dfx.diffeqsolve(
         system.term, config.make_solver(), 0.0, config.pretreatment_max_days, None, z0,
-        stepsize_controller=config.controller(), max_steps=4 * config.max_steps,
+        stepsize_controller=config.controller(), max_steps=4 * config.max_steps, adjoint=config.adjoint(),
         saveat=dfx.SaveAt(t1=True), event=event, throw=False,
     )
     y = system.unravel(sol.ys[-1] * system.scale)
