@@ -71,8 +71,14 @@ class ChemoCourse(_Repeated):
 
 @dataclass(frozen=True)
 class Surgery:
+    """Resection of ``lesion`` on ``day``. ``pathology``: whether the resected specimen is read for
+    pathological response (pCR/MPR); a lesion removed without being read (in an early-stage
+    patient, the model's second lesion stands for disease the operation clears but the trial's
+    pathology does not describe) still leaves the patient."""
+
     day: float
     lesion: str
+    pathology: bool = True
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,14 @@ class Regimen:
     def drugs(self) -> tuple[str, ...]:
         """Drugs in order of first appearance."""
         return tuple(dict.fromkeys(c.drug for c in self.ici))
+
+    def pathology_lesions(self, n_lesions: int = 2) -> np.ndarray:
+        """(n_lesions,) bool: lesions whose resection is read for pathological response."""
+        read = np.zeros(n_lesions, bool)
+        for s in self.surgery:
+            if s.pathology and LESIONS.index(s.lesion) < n_lesions:
+                read[LESIONS.index(s.lesion)] = True
+        return read
 
     def last_event_day(self) -> float:
         days = [d for c in self.ici for d in c.days()] + [d for c in self.rt for d in c.days]
@@ -227,9 +241,16 @@ def parse_regimen(doc: Any, source: str = "<regimen>") -> Regimen:
     surgery = []
     for i, e in enumerate(doc.get("surgery") or []):
         w = f"surgery[{i}]"
-        ck.mapping(w, e, ("day", "lesion"), ("day",))
+        ck.mapping(w, e, ("day", "lesion", "pathology"), ("day",))
+        read = e.get("pathology", True)
+        if not isinstance(read, bool):
+            ck.fail(f"{w}.pathology", read, "true or false")
         surgery.append(Surgery(ck.number(f"{w}.day", e["day"], min_value=0.0),
-                               ck.choice(f"{w}.lesion", e.get("lesion", "irradiated"), LESIONS)))
+                               ck.choice(f"{w}.lesion", e.get("lesion", "irradiated"), LESIONS), read))
+    resected = [(s.day, s.lesion) for s in surgery]
+    for i, key in enumerate(resected):
+        if key in resected[:i]:
+            ck.fail(f"surgery[{i}]", {"day": key[0], "lesion": key[1]}, "the same lesion is resected twice on one day")
     # Two RT fractions on one lesion at the same time are an overlap.
     seen: dict[tuple[str, float], int] = {}
     for i, c in enumerate(rt):

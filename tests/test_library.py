@@ -222,6 +222,19 @@ def test_kinetics_library_builds_and_resumes(setup, tmp_path, capsys):
     np.testing.assert_array_equal(again.arms[0].pfs, lib.arms[0].pfs)
     model = L.LibraryModel(L.load_library(tmp_path), arms, priors, params, spec)
     assert np.isfinite(float(model.log_posterior(jnp.asarray(model.prior_means()))))
+    # an arm whose regimen changed since its file was built is rebuilt, the other kept
+    changed = dataclasses.replace(arms[0], regimen=dict(arms[0].regimen, name="changed"))
+    L.build_library(tmp_path, [changed, arms[1]], priors, params, spec, SETTINGS, 6, 3, 190.0, "kinetics", progress=True)
+    out = capsys.readouterr().out
+    assert f"{arms[0].arm_id}: rebuilding" in out and "arm_digest" in out and f"{arms[1].arm_id}: kept" in out
+
+
+def test_arm_digest_follows_the_regimen_and_the_matched_baseline(setup):
+    _, _, _, arms = setup
+    arm = arms[0]
+    assert L.arm_digest(arm) == L.arm_digest(dataclasses.replace(arm))
+    assert L.arm_digest(dataclasses.replace(arm, regimen=dict(arm.regimen, name="other"))) != L.arm_digest(arm)
+    assert L.arm_digest(dataclasses.replace(arm, setting="early_stage")) != L.arm_digest(arm)
 
 
 @pytest.mark.slow

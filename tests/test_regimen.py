@@ -100,3 +100,17 @@ def test_compile_places_events_exactly_and_pads():
     assert int((times == 28.0).sum()) == 20 - 5  # events 0.5, 2, 4, 14.5, the first day 0, padded with the last
     with pytest.raises(QSPValidationError):
         compile_schedule(reg, ("pembrolizumab",), np.arange(0.0, 30.0), 2)
+
+
+def test_surgery_pathology_flag_is_read_and_checked():
+    doc = {"name": "resect", "surgery": [{"day": 50, "lesion": "irradiated"},
+                                         {"day": 50, "lesion": "non_irradiated", "pathology": False}]}
+    regimen = parse_regimen(doc)
+    assert [s.pathology for s in regimen.surgery] == [True, False]
+    assert regimen.pathology_lesions(2).tolist() == [True, False]
+    assert regimen.pathology_lesions(1).tolist() == [True]
+    sched = compile_schedule(regimen, (), np.array([0.0, 50.0, 60.0]), n_lesions=2)
+    assert np.asarray(sched.surgery).sum(axis=0).tolist() == [1.0, 1.0]  # both lesions resected
+    _bad("surgery[1].pathology", {"name": "x", "surgery": [{"day": 5}, {"day": 5, "lesion": "non_irradiated",
+                                                                          "pathology": "no"}]})
+    _bad("surgery[1]", {"name": "x", "surgery": [{"day": 5}, {"day": 5, "lesion": "irradiated"}]})

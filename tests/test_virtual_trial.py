@@ -70,6 +70,25 @@ def test_arm_baseline_target_reads_pdl1_classes_and_diameters():
     assert isinstance(spec, PopulationSpec) and spec.tps_probabilities == target.tps_probabilities
 
 
+def test_early_stage_arms_have_one_lesion_and_resectable_arms_resect_both_reading_the_primary():
+    """Stage I-II patients have no second tumour: an early-stage arm's cohort seeds the model's
+    second lesion empty. A resectable arm's operation removes both lesions and pathology reads
+    the primary only (configs/trials: NCT02904954, NCT03694236, NCT04271384)."""
+    trials = load_trials()
+    early = [a for a in trials.arms if a.setting == "early_stage"]
+    assert early and all(not target_from_arm(a).second_lesion for a in early)
+    assert matched_spec(load_population(), target_from_arm(early[0])).second_lesion_median == 0.0
+    advanced = next(a for a in trials.arms if a.setting == "advanced")
+    assert target_from_arm(advanced).second_lesion
+    assert matched_spec(load_population(), target_from_arm(advanced)).second_lesion_median > 0.0
+    resectable = [a for a in trials.arms if a.setting == "resectable"]
+    assert len(resectable) == 4
+    for arm in resectable:
+        regimen = parse_regimen(arm.regimen, arm.arm_id)
+        assert {s.lesion for s in regimen.surgery} == {"irradiated", "non_irradiated"}, arm.arm_id
+        assert regimen.pathology_lesions(2).tolist() == [True, False], arm.arm_id
+
+
 def test_published_endpoints_of_pembro_rt_in_simulator_units():
     arm = next(a for a in load_trials().arms if a.nct_id == "NCT02492568" and a.role == "experimental")
     pub = published_endpoints(arm)

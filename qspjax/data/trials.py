@@ -126,6 +126,7 @@ class Arm:
     regimen_assumptions: tuple[str, ...]
     follow_up_days: int  # simulation horizon counted from day 0 of the regimen
     outcome_origin_day: int = 0  # day of the regimen from which the trial timed PFS/OS
+    setting: str | None = None  # the trial's setting (SETTINGS), copied onto each arm
     # baseline
     stage_text: str | None = None
     stage_mix: Mapping[str, float] | None = None  # stage -> % of patients
@@ -380,7 +381,7 @@ def _read_stage_mix(r: _Record) -> dict[str, float] | None:
     return {str(k): float(v) for k, v in value.items()}
 
 
-def _read_arm(r: _Record, nct_id: str, table: int) -> Arm:
+def _read_arm(r: _Record, nct_id: str, table: int, setting: str | None = None) -> Arm:
     arm_id = r.text("arm_id", required=True)
     m = ARM_ID_PATTERN.match(arm_id)
     if not m:
@@ -412,6 +413,7 @@ def _read_arm(r: _Record, nct_id: str, table: int) -> Arm:
         regimen_assumptions=r.texts("regimen_assumptions", required=True),
         follow_up_days=follow_up,
         outcome_origin_day=origin,
+        setting=setting,
         stage_text=r.text("stage_text"),
         stage_mix=_read_stage_mix(r),
         median_age_years=r.number("median_age_years", lo=0, hi=120, what="an age in years"),
@@ -544,7 +546,7 @@ def _read_trial(doc: Any, path: Path) -> Trial:
     nct_printed = r.text("nct_id_printed")
     arms = []
     for a in r.records("arms", required=True):
-        arms.append(_read_arm(a, nct_id, description_table))
+        arms.append(_read_arm(a, nct_id, description_table, setting))
     if not arms:
         r.fail("arms", [], "at least one arm is required")
     trial = Trial(

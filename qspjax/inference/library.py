@@ -170,11 +170,15 @@ def default_proposal(template: Problem, widen_sds: float = 0.5, inflate: float =
 POTENCY_PREFIX = "blockade_emax_"
 
 
-def arm_targets(arm, params: ParameterSet) -> tuple[str, ...]:
-    """The checkpoint targets (PD1, PDL1, CTLA4) of the antibodies an arm doses."""
+def _arm_regimen(arm):
     from qspjax.regimen import Regimen, parse_regimen
 
-    regimen = arm.regimen if isinstance(arm.regimen, Regimen) else parse_regimen(arm.regimen, f"{arm.arm_id} regimen")
+    return arm.regimen if isinstance(arm.regimen, Regimen) else parse_regimen(arm.regimen, f"{arm.arm_id} regimen")
+
+
+def arm_targets(arm, params: ParameterSet) -> tuple[str, ...]:
+    """The checkpoint targets (PD1, PDL1, CTLA4) of the antibodies an arm doses."""
+    regimen = _arm_regimen(arm)
     out = []
     for drug in regimen.drugs:
         t = params.targets.get(drug)
@@ -441,7 +445,9 @@ def simulate_patients(template: Problem, candidates: dict, n: int, simulator: st
             diam_cm = jax.vmap(lambda mm, ys: diameter_from_volume(jax.vmap(mm.lesion_volume)(ys)))(models, traj.ys)
             diam_mm = 10.0 * jnp.swapaxes(diam_cm, 1, 2)
             steps = np.asarray(traj.num_steps)
-            pathology = pathology_categories(np.asarray(traj.viable_fraction_at_surgery), ok)
+            viable = np.asarray(traj.viable_fraction_at_surgery)
+            read_lesions = template.arms[0].regimen.pathology_lesions(viable.shape[1])
+            pathology = pathology_categories(np.where(read_lesions[None, :], viable, np.nan), ok)
         else:
             sim = KineticsSimulator(template.params)
             values = {k: jnp.asarray(v) for k, v in p["values"].items()}
@@ -568,6 +574,19 @@ def _read_arm(path: Path, arm_id: str, settings_key: str | None = None) -> ArmLi
                       np.asarray(d["other_log_values"]), lib_meta, pathology)
 
 
+def arm_digest(arm) -> str:
+    """A short digest of what an arm's library patients are simulated under: its regimen (every
+    course, fraction and resection) and the baseline its cohort is matched to. An arm file built
+    under another is rebuilt on resume, not reused."""
+    from qspjax.io import strict_json_dumps
+    from qspjax.vpop import target_from_arm
+
+    target = dataclasses.asdict(target_from_arm(arm))
+    target.pop("notes")
+    doc = {"regimen": dataclasses.asdict(_arm_regimen(arm)), "baseline": target}
+    return f"{zlib.crc32(strict_json_dumps(doc, sort_keys=True).encode()):08x}"
+
+
 def _settings_key(meta: dict) -> str:
     """A short digest of what makes a library's patients what they are (resuming checks it)."""
     from qspjax.io import strict_json_dumps
@@ -613,6 +632,11 @@ def build_library(out: str | Path, arms: Sequence, priors: PriorSet, params: Par
         if path.is_file():
             try:
                 lib = _read_arm(path, arm.arm_id, key)
+                built_for = (lib.meta or {}).get("arm_digest")
+                now = arm_digest(arm)
+                if built_for is not None and built_for != now:
+                    raise QSPValidationError(str(path), "arm_digest", built_for,
+                                             f"built for this arm's regimen and baseline as they are now ({now})")
                 if reports_pathology(arm) and simulator == "qsp" and lib.pathology is None:
                     raise QSPValidationError(str(path), "pathology", None,
                                              "the pCR/MPR outcomes at surgery that this arm's trial reports")
@@ -638,7 +662,8 @@ def build_library(out: str | Path, arms: Sequence, priors: PriorSet, params: Par
         lib = ArmLibrary(arm.arm_id, horizon, drawn["log_values"], drawn["log_q"], sim["response"], sim["pfs"],
                          sim["solved"], sim["plausible"], sim["steps"], np.asarray(template.assessment_days),
                          drawn["other_log_values"], pathology=sim["pathology"])
-        lib.meta = _arm_meta(lib, wall, None) | {"screening": sim["screening"], "response_read": read.rule}
+        lib.meta = _arm_meta(lib, wall, None) | {"screening": sim["screening"], "response_read": read.rule,
+                                                 "arm_digest": arm_digest(arm)}
         _write_arm(path, lib, key, lib.meta)
         libs.append(lib)
         meta["arms"][arm.arm_id] = lib.meta
