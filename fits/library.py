@@ -278,7 +278,7 @@ def crossval(args) -> dict:
     rows = cross_validate(lib, arms, priors, params, spec, jax.random.PRNGKey(args.seed), chains=args.chains,
                           warmup=args.warmup, samples=args.samples, max_tree_depth=args.max_tree_depth,
                           progress=None if args.quiet else (lambda m: print(m, flush=True)), fixed_ess=fixed,
-                          min_ess=args.min_ess, done=done,
+                          min_ess=args.min_ess, done=done, trials=args.crossval_trials,
                           on_fold=lambda rows, n_done, total: atomic_write_json(
                               out / "crossval.partial.json",
                               {"folds_done": len({r["held_out_trial"] for r in rows}), "folds": total,
@@ -342,7 +342,60 @@ def write_report(args) -> dict:
         "arms": rows}
     atomic_write_json(path, doc)
     print(f"{path}: fitted {doc['library_route']['summary']['fitted']}, cross-validated {cv['summary']}")
+    if args.table:
+        from qspjax.io import atomic_write_text
+
+        atomic_write_text(args.table, arm_table(doc["library_route"]["arms"], summary))
+        print(f"per-arm table (markdown) in {args.table}")
     return doc
+
+
+def arm_table(rows: list[dict], summary: dict) -> str:
+    """The per-arm Markdown table of ``fits/README.md`` from the report's library rows and the
+    posterior's summary (Monte-Carlo size M, weight ESS, Monte-Carlo sd against the CI's half-width)."""
+    import math
+
+    fitted = {r["id"]: r for r in rows if r["role"] == "fitted"}
+    crossed = {r["id"]: r for r in rows if r["role"] == "cross_validated"}
+    m_fixed = summary.get("mc_error_fixed_ess") or {}
+    w_ess = (summary.get("weight_ess") or {}).get("per_arm", {})
+    pct = lambda v: f"{v:.1f}" if v is not None else "–"
+    verdict = lambda inside: "in" if inside else "**out**"
+
+    def orr(r):
+        if r is None or r.get("predicted_orr_pct") is None:
+            return "–"
+        lo, hi = r["predicted_interval_pct"]
+        return f"{r['predicted_orr_pct']:.1f} [{lo:.0f}, {hi:.0f}] {verdict(r['inside_ci'])}"
+
+    lines = ["| arm | observed ORR % [95 % CI] | in sample | cross-validated | CR % observed / predicted | "
+             "PFS 6 or 12 mo % observed / predicted | pCR / MPR % observed / predicted | M | weight ESS | "
+             "MC sd / CI half-width |", "|" + "---|" * 10]
+    for arm_id in sorted(fitted):
+        r = fitted[arm_id]
+        obs = "–" if r["observed_orr_pct"] is None else (
+            f"{r['observed_orr_pct']:.1f} [{r['observed_orr_ci_pct'][0]:.1f}, {r['observed_orr_ci_pct'][1]:.1f}]")
+        cr = r.get("cr")
+        cr_txt = "–" if not cr else f"{cr['observed_pct']:.1f} / {cr['predicted_pct']:.1f}" + (
+            "" if cr["inside_ci"] else " **out**")
+        pfs = "; ".join(f"{p['months']:g} mo {p['observed_pct']:.0f} / {p['predicted_pct']:.0f}" +
+                        ("" if p["inside_ci"] else " **out**") for p in r.get("pfs") or []) or "–"
+        path = r.get("pathology")
+        path_txt = "; ".join(f"{label} {path[k]['observed_pct']:.0f} / {path[k]['predicted_pct']:.0f}" +
+                             ("" if path[k]["inside_ci"] else " **out**")
+                             for k, label in (("pcr", "pCR"), ("mpr", "MPR")) if k in path) \
+            if path else "–"
+        w = w_ess.get(arm_id, {})
+        ess = f"{w['median']:.1f} ({w['min']:.1f})" if w else "–"
+        mc = "–"
+        if r["observed_orr_pct"] is not None and w:
+            p = r["predicted_orr_pct"] / 100.0
+            half = (r["observed_orr_ci_pct"][1] - r["observed_orr_ci_pct"][0]) / 2.0
+            mc = f"{100.0 * math.sqrt(p * (1.0 - p) / w['median']):.1f} / {half:.1f}"
+        m = f"{m_fixed[arm_id]:.1f}" if arm_id in m_fixed else "–"
+        lines.append(f"| `{arm_id}` | {obs} | {orr(r)} | {orr(crossed.get(arm_id))} | {cr_txt} | {pfs} | {path_txt} | "
+                     f"{m} | {ess} | {mc} |")
+    return "\n".join(lines) + "\n"
 
 
 def diagnostics(args) -> dict:
@@ -494,6 +547,10 @@ def parser() -> argparse.ArgumentParser:
                         "of the walled prior")
     p.add_argument("--crossval-dir", default="fits/crossval", help="'' when no cross-validation was run")
     p.add_argument("--report", default="fits/report.json")
+    p.add_argument("--crossval-trials", nargs="+", default=None,
+                   help="--crossval: hold out only these trials (split the folds over processes, then merge the "
+                        "rows of their crossval.partial.json files into one and resume)")
+    p.add_argument("--table", default=None, help="--write-report: also write the per-arm Markdown table here")
     p.add_argument("--thin", type=int, default=2, help="SBC: keep every thin-th draw")
     p.add_argument("--bins", type=int, default=10, help="SBC: rank histogram bins")
     p.add_argument("--seed", type=int, default=0)

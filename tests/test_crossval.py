@@ -52,6 +52,11 @@ def test_cross_validation_predicts_each_trial_from_the_others(setup):  # noqa: F
         assert np.isfinite(r["fold_rhat_max"]) and r["fold_divergences"] >= 0
     t = CV.tally(rows)
     assert t["arms"] == 2 and t["inside_ci"] == sum(r["inside_ci"] for r in rows)
+    # one trial's fold alone (split over processes) gives that fold's row of the whole run
+    second = CV.cross_validate(lib, arms, priors, params, spec, jax.random.PRNGKey(0), settings=SETTINGS,
+                               chains=2, warmup=25, samples=25, max_tree_depth=3, n_draws=10,
+                               trials=[CV.trial_of(ARMS[1])])
+    assert second == rows[1:]
 
 
 def test_an_interrupted_cross_validation_resumes_without_rerunning_its_folds(setup):  # noqa: F811

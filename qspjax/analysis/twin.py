@@ -12,7 +12,10 @@ Model (hierarchical: the patient is one draw of the population). The calibrated 
 standard-normal deviations ``z`` (:data:`PATIENT_PARAMETERS`, the population file's log-normal
 spreads for the four that govern growth, immune kill, T-cell infiltration and radiosensitivity;
 the others stay at the population median), plus the baseline size of the largest lesion
-(population log-normal) and the second lesion's size ratio. A draw is grown untreated to its
+(population log-normal) and the second lesion's size ratio. The prior carries the population's
+plausibility screen as a smooth factor (:func:`qspjax.vpop.log_soft_plausibility`), as a trial's
+cohort is screened: its density falls off smoothly where a draw could not grow to its baseline in
+time or doubles implausibly fast or slowly. A draw is grown untreated to its
 baseline size (:func:`qspjax.solver.simulate.grow_to_baseline`) and treated with the history regimen,
 solved only up to the last measurement with output at the measurement days, at a looser
 tolerance than trial runs (:data:`FIT_RTOL`).
@@ -28,9 +31,11 @@ voxel/calliper resolution of a few mm. A read below :data:`qspjax.outcomes.DETEC
 (5 mm; RECIST's "too small to measure" or gone) is left-censored: its likelihood is
 ``P(y < 5 mm)``, not a density at the value written.
 
-Posterior: NUTS (numpyro's kernel under one compiled ``lax.scan`` per chain, so the patient's
-data are arguments and one compilation serves every patient with the same design; chains run
-one after another, which measured faster on CPU than vmapping them, see README). Diagnostics:
+Posterior: NUTS, its gradient in forward mode (:func:`forward_mode_gradient`), chains started at
+prior draws resampled by likelihood (:func:`starting_points`); numpyro's kernel runs under one
+compiled ``lax.scan`` per chain (so the patient's data are arguments and one compilation serves
+every patient with the same design; chains run one after another, which measured faster on CPU
+than vmapping them, see README). Diagnostics:
 split R-hat, bulk ESS, divergences (ArviZ); :func:`diagnose` refuses to predict when any fails
 its threshold or when the posterior does not reproduce the data (prior-data conflict).
 

@@ -55,12 +55,14 @@ def subset_library(library, arm_ids: Sequence[str]):
 def cross_validate(library, arms: Sequence, priors, params, spec, key, *, settings=None, chains: int = 4,
                    warmup: int = 300, samples: int = 300, max_tree_depth: int = 8, n_draws: int = 200,
                    progress=None, fixed_ess: dict | None = None, min_ess: float | None = None,
-                   on_fold=None, done: Sequence[dict] = ()) -> list[dict]:
+                   on_fold=None, done: Sequence[dict] = (), trials: Sequence[str] | None = None) -> list[dict]:
     """Leave-one-trial-out predictions of every arm of ``library`` (rows, one per held-out arm
     with an ORR; role ``cross_validated``). ``arms``: the trial arms of the library, same order.
     ``fixed_ess``: arm id -> the Monte-Carlo size of the fixed term (default: each fold's prior-draw median).
     ``on_fold(rows, done, total)``: called after each fold with the rows so far (e.g. to save them);
-    ``done``: rows of an interrupted run (what ``on_fold`` saved): their trials' folds are not rerun."""
+    ``done``: rows of an interrupted run (what ``on_fold`` saved): their trials' folds are not rerun.
+    ``trials``: hold out only these trials (to split the folds over processes: fold k's random key
+    depends on k alone, so the rows are those of one run; merge the saved rows and resume)."""
     import jax
 
     from qspjax.inference import library as L
@@ -70,7 +72,7 @@ def cross_validate(library, arms: Sequence, priors, params, spec, key, *, settin
     finished = {r["held_out_trial"] for r in done}
     folds = trial_folds(library.arm_ids)
     for k, (trial, train, test) in enumerate(folds):
-        if trial in finished or not any(_has_orr(by_id[a]) for a in test):
+        if trial in finished or (trials is not None and trial not in trials) or not any(_has_orr(by_id[a]) for a in test):
             continue  # done in an interrupted run, or nothing to predict (e.g. a pathology-only arm)
         m = None if fixed_ess is None else [fixed_ess[a] for a in train]
         fit = L.LibraryModel(subset_library(library, train), [by_id[a] for a in train], priors, params, spec, settings,
