@@ -104,6 +104,12 @@ class Regimen:
                 read[LESIONS.index(s.lesion)] = True
         return read
 
+    def read_specimens(self, viable_fraction) -> np.ndarray:
+        """``viable_fraction`` at surgery (..., L; NaN where not resected) with NaN also where the
+        regimen does not read the lesion's specimen (:attr:`Surgery.pathology`): what pathology sees."""
+        v = np.asarray(viable_fraction, float)
+        return np.where(self.pathology_lesions(v.shape[-1]), v, np.nan)
+
     def last_event_day(self) -> float:
         days = [d for c in self.ici for d in c.days()] + [d for c in self.rt for d in c.days]
         days += [d for c in self.chemo for d in c.days()] + [s.day for s in self.surgery]

@@ -219,9 +219,7 @@ def treat_population(
             obs = _observe(models, traj.ys)
             part = {k: np.asarray(obs[k])[:m] for k in OBSERVABLES}
             part["status"] = np.asarray(traj.status)[:m]
-            # Pathology reads only the specimens the regimen says are read (Surgery.pathology).
-            viable = np.asarray(traj.viable_fraction_at_surgery)[:m]
-            part["viable"] = np.where(regimen.pathology_lesions(viable.shape[1])[None, :], viable, np.nan)
+            part["viable"] = regimen.read_specimens(np.asarray(traj.viable_fraction_at_surgery)[:m])
             part["steps"] = np.asarray(traj.num_steps)[:m]
             if population.n_lesions == 1:
                 drug = population.drugs[0]

@@ -109,6 +109,8 @@ def test_surgery_pathology_flag_is_read_and_checked():
     assert [s.pathology for s in regimen.surgery] == [True, False]
     assert regimen.pathology_lesions(2).tolist() == [True, False]
     assert regimen.pathology_lesions(1).tolist() == [True]
+    read = regimen.read_specimens(np.array([[0.2, 0.5], [np.nan, 0.1]]))
+    assert read[0, 0] == 0.2 and np.isnan(read[1, 0]) and np.all(np.isnan(read[:, 1]))
     sched = compile_schedule(regimen, (), np.array([0.0, 50.0, 60.0]), n_lesions=2)
     assert np.asarray(sched.surgery).sum(axis=0).tolist() == [1.0, 1.0]  # both lesions resected
     _bad("surgery[1].pathology", {"name": "x", "surgery": [{"day": 5}, {"day": 5, "lesion": "non_irradiated",

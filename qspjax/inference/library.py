@@ -445,9 +445,8 @@ def simulate_patients(template: Problem, candidates: dict, n: int, simulator: st
             diam_cm = jax.vmap(lambda mm, ys: diameter_from_volume(jax.vmap(mm.lesion_volume)(ys)))(models, traj.ys)
             diam_mm = 10.0 * jnp.swapaxes(diam_cm, 1, 2)
             steps = np.asarray(traj.num_steps)
-            viable = np.asarray(traj.viable_fraction_at_surgery)
-            read_lesions = template.arms[0].regimen.pathology_lesions(viable.shape[1])
-            pathology = pathology_categories(np.where(read_lesions[None, :], viable, np.nan), ok)
+            viable = template.arms[0].regimen.read_specimens(np.asarray(traj.viable_fraction_at_surgery))
+            pathology = pathology_categories(viable, ok)
         else:
             sim = KineticsSimulator(template.params)
             values = {k: jnp.asarray(v) for k, v in p["values"].items()}

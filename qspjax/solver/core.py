@@ -107,13 +107,19 @@ class SolverConfig:
         if issubclass(cls, _Rodas):
             # The model's vector field does not depend on time.
             return cls(autonomous=True, sparse_jacobian=self.sparse_jacobian, nonnegative=self.nonnegative,
-                       linear_solver=self.linear_solver, guard_cotangents=self.autodiff == "reverse")
+                       linear_solver=self.linear_solver, guard_cotangents=self.guard_cotangents)
         # The stage equations need to be solved only well inside the local error the controller
         # accepts (Hairer & Wanner's Radau5 stops Newton at ~0.03 of it). Solving them to the
         # controller's own tolerance made ~40 % of the steps fail on Newton, not on accuracy
         # (measured: 6,488 -> 3,760 steps over the 400-day reference at a factor of 100).
         f = self.newton_tol_factor
         return cls(root_finder=dfx.VeryChord(rtol=self.rtol * f, atol=self.atol * f))
+
+    @property
+    def guard_cotangents(self) -> bool:
+        """Whether solves carry the reverse-mode guard against non-finite cotangents
+        (:func:`qspjax.solver.rosenbrock.finite_cotangents`, a custom VJP): not in forward mode."""
+        return self.autodiff == "reverse"
 
     def adjoint(self):
         """diffrax's differentiation rule for the solves: checkpointed reverse mode (default), or

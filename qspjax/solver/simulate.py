@@ -122,7 +122,7 @@ def simulate_patient(model: QSPModel, y0: State, schedule: Schedule, config: Sol
     next_times = jnp.concatenate([times[1:], times[-1:]])
     events = schedule.events
     nan_lesions = jnp.full((model.n_lesions,), jnp.nan)
-    system = _flat_system(model, y0, config.autodiff == "reverse")
+    system = _flat_system(model, y0, config.guard_cotangents)
     z_first = ravel_pytree(y0)[0] / system.scale
     saved0 = jnp.zeros(grid.shape + z_first.shape, z_first.dtype)
 
@@ -365,7 +365,7 @@ def grow_to_baseline(model: QSPModel, y_seed: State, target_diameter_cm, config:
     Lesion sizes are set by their seeds' ratio; growth stops on a root-found event. Returns
     (state at baseline, status, days of growth). Differentiable in the model parameters.
     """
-    system = _flat_system(model, y_seed, config.autodiff == "reverse")
+    system = _flat_system(model, y_seed, config.guard_cotangents)
 
     def cond_fn(t, y, args, **kwargs):
         y = system.unravel(y * system.scale)
