@@ -7,8 +7,13 @@ the value alone, reverse mode (``jax.value_and_grad`` through diffrax's checkpoi
 forward mode (``SolverConfig(autodiff="forward")``: ``jax.jvp`` along every unit vector at once,
 :func:`qspjax.analysis.twin.forward_mode_gradient`). The gradients must agree; the figures are the
 median over ``--repeats`` evaluations at nearby points after the first (compiling) call.
+``--batch B ...`` adds the forward-mode gradient vectorised over B points at once (``jax.vmap``, as
+:func:`qspjax.analysis.twin.run_nuts_batch` runs many patients' chains): its time per point against
+one point alone.
 
     taskset -c 1 python benchmarks/twin_gradient.py --json benchmarks/results_twin_gradient.json
+    taskset -c 1 python benchmarks/twin_gradient.py --modes forward --batch 8 40 \
+        --json benchmarks/results_twin_gradient_batched.json
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patient", default="configs/twins/example_patient.csv")
     p.add_argument("--history", default="configs/twins/history_pembro_rt.yaml")
     p.add_argument("--repeats", type=int, default=8)
+    p.add_argument("--modes", nargs="+", choices=("value", "reverse", "forward"), default=["value", "reverse", "forward"])
+    p.add_argument("--batch", type=int, nargs="*", default=[],
+                   help="also time the forward-mode gradient vectorised over this many points (per point)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     return p
@@ -59,6 +67,7 @@ def main(args) -> dict:
         "reverse": jax.jit(jax.value_and_grad(density(reverse))),
         "forward": jax.jit(jax.value_and_grad(twin.forward_mode_gradient(density(forward)))),
     }
+    fns = {k: v for k, v in fns.items() if k in args.modes}
     rng = np.random.default_rng(args.seed)
     z0 = 0.1 * rng.standard_normal(forward.dim)
     points = [z0 + 0.1 * rng.standard_normal(forward.dim) for _ in range(args.repeats)]
@@ -77,14 +86,42 @@ def main(args) -> dict:
         out["modes"][name] = {"first_call_s": t_first, "median_s": float(np.median(times)),
                               "value": float(value), "gradient": None if grad is None else np.asarray(grad).tolist()}
         print(f"{name}: first call {t_first:.1f} s, then {np.median(times):.3f} s", flush=True)
-    g_r, g_f = (np.asarray(out["modes"][m]["gradient"]) for m in ("reverse", "forward"))
-    out["gradient_max_relative_difference"] = float(np.max(np.abs(g_f - g_r) / np.maximum(np.abs(g_r), 1e-300)))
-    out["reverse_over_forward"] = out["modes"]["reverse"]["median_s"] / out["modes"]["forward"]["median_s"]
-    out["forward_over_value"] = out["modes"]["forward"]["median_s"] / out["modes"]["value"]["median_s"]
+    if args.batch:
+        one = jax.value_and_grad(twin.forward_mode_gradient(density(forward)))
+        batched = jax.jit(jax.vmap(one))
+        out["batched_forward"] = {}
+        for b in args.batch:
+            zs = np.stack([z0 + 0.1 * rng.standard_normal(forward.dim) for _ in range(b)])
+            t0 = time.perf_counter()
+            values, grads = jax.block_until_ready(batched(jnp.asarray(zs)))
+            t_first = time.perf_counter() - t0
+            times = []
+            for r in range(max(args.repeats // 4, 2)):
+                t0 = time.perf_counter()
+                jax.block_until_ready(batched(jnp.asarray(zs + 0.01 * (r + 1))))
+                times.append(time.perf_counter() - t0)
+            # the batch's first row against the same point alone (the lanes must not mix)
+            v1, g1 = jax.block_until_ready(jax.jit(one)(jnp.asarray(zs[0])))
+            rec = {"first_call_s": t_first, "median_s": float(np.median(times)),
+                   "per_point_s": float(np.median(times)) / b,
+                   "row0_max_relative_difference": float(np.max(np.abs(np.asarray(grads[0]) - np.asarray(g1))
+                                                                / np.maximum(np.abs(np.asarray(g1)), 1e-300)))}
+            if "forward" in out["modes"]:
+                rec["speedup_per_point_vs_one"] = out["modes"]["forward"]["median_s"] / rec["per_point_s"]
+            out["batched_forward"][str(b)] = rec
+            print(f"forward x{b} (vmap): first call {t_first:.1f} s, then {rec['median_s']:.3f} s = "
+                  f"{rec['per_point_s']:.3f} s per point", flush=True)
+    modes = out["modes"]
+    if "reverse" in modes and "forward" in modes:
+        g_r, g_f = (np.asarray(modes[m]["gradient"]) for m in ("reverse", "forward"))
+        out["gradient_max_relative_difference"] = float(np.max(np.abs(g_f - g_r) / np.maximum(np.abs(g_r), 1e-300)))
+        out["reverse_over_forward"] = modes["reverse"]["median_s"] / modes["forward"]["median_s"]
+        print(f"reverse / forward {out['reverse_over_forward']:.2f}x, gradients agree to "
+              f"{out['gradient_max_relative_difference']:.1e}")
+    if "value" in modes and "forward" in modes:
+        out["forward_over_value"] = modes["forward"]["median_s"] / modes["value"]["median_s"]
     out["machine"] = machine()
     out["run"] = provenance(vars(args), args.seed)
-    print(f"reverse / forward {out['reverse_over_forward']:.2f}x, forward / value {out['forward_over_value']:.2f}x, "
-          f"gradients agree to {out['gradient_max_relative_difference']:.1e}")
     if args.json:
         write_json(args.json, out)
     return out

@@ -77,3 +77,27 @@ def test_a_fold_with_nothing_to_predict_is_skipped():
     trials = load_trials()
     assert not CV._has_orr(trials.get_arm("NCT04271384:sbrt_nivo"))  # pCR/MPR only
     assert CV._has_orr(trials.get_arm("NCT02492568:pembro"))
+
+
+def test_a_fold_weighting_the_held_out_arms_zero_is_the_model_of_the_training_arms(setup):  # noqa: F811
+    """The single-compile folds: the whole library's log-likelihood and support wall with the held-out
+    trial's arms weighted 0 equal those of a model built on the training arms alone (so the folds
+    sample the same posteriors as before); all ones give the unweighted model."""
+    import jax.numpy as jnp
+
+    from qspjax.inference import library as L
+    from test_library import theta_at_proposal
+
+    params, spec, priors, arms = setup
+    lib = fake_library(setup, n=40, seed=3)
+    full = L.LibraryModel(lib, arms, priors, params, spec, SETTINGS, fixed_ess=[20.0, 12.0], min_ess=6.0)
+    alone = L.LibraryModel(CV.subset_library(lib, [ARMS[1]]), arms[1:], priors, params, spec, SETTINGS,
+                           fixed_ess=[12.0], min_ess=6.0)
+    w = CV.fold_weights(lib.arm_ids, [ARMS[1]])
+    assert w.tolist() == [0.0, 1.0]
+    theta = jnp.asarray(theta_at_proposal(full))
+    for t in (theta, theta + 1.5, theta - 2.0):  # the last two lie outside the wall for some arm
+        assert float(full._log_likelihood(t, w)) == pytest.approx(float(alone._log_likelihood(t)), rel=1e-12)
+        assert float(full.support_log_penalty(t, w)) == pytest.approx(float(alone.support_log_penalty(t)), abs=1e-12)
+        assert float(full._log_likelihood(t, np.ones(2))) == pytest.approx(float(full._log_likelihood(t)), rel=1e-12)
+    assert float(full.support_log_penalty(theta - 2.0)) < float(full.support_log_penalty(theta - 2.0, w)) <= 0.0

@@ -308,3 +308,25 @@ def test_chains_start_at_prior_draws_resampled_by_their_likelihood():
     # fewer likely draws than chains: the most likely ones repeat
     start = twin.starting_points(z, d, patient, 4, rng)
     assert {int(np.flatnonzero(np.all(z == s, axis=1))[0]) for s in start} <= {7, 21, 33}
+
+
+def test_batched_nuts_gives_each_patient_the_fit_it_gets_alone(toy):
+    """run_nuts_batch (every chain of every patient one vmap member) = run_nuts per patient with the
+    same seed: the same keys and starts, so the same draws to rounding (a key or data mix-up between
+    members breaks this); patients with another design are refused."""
+    history = load_regimen(HISTORY)
+    texts = [GOOD, GOOD.replace(",27\n", ",22\n").replace(",25\n", ",19\n")]
+    datas = [twin.fit_data(twin.load_patient(_write(Path(__import__("tempfile").mkdtemp()), t), 200.0), history,
+                           toy.drugs, 1.0) for t in texts]
+    nuts = dict(chains=2, warmup=30, samples=30, max_tree_depth=4)
+    batch = twin.run_nuts_batch(toy, datas, [11, 12], **nuts)
+    for data, seed, got in zip(datas, [11, 12], batch):
+        alone = twin.run_nuts(toy, data, seed=seed, **nuts)
+        assert got.z.shape == alone.z.shape == (2, 30, toy.dim)
+        np.testing.assert_allclose(got.z, alone.z, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(got.num_steps, alone.num_steps)
+    assert not np.allclose(batch[0].z, batch[1].z)
+    short = twin.fit_data(twin.load_patient(_write(Path(__import__("tempfile").mkdtemp()), GOOD.rsplit("84,", 2)[0]),
+                                            200.0), history, toy.drugs, 1.0)
+    with pytest.raises(ValueError, match="designs differ"):
+        twin.run_nuts_batch(toy, [datas[0], short], [1, 2], **nuts)

@@ -34,8 +34,10 @@ voxel/calliper resolution of a few mm. A read below :data:`qspjax.outcomes.DETEC
 Posterior: NUTS, its gradient in forward mode (:func:`forward_mode_gradient`), chains started at
 prior draws resampled by likelihood (:func:`starting_points`); numpyro's kernel runs under one
 compiled ``lax.scan`` per chain (so the patient's data are arguments and one compilation serves
-every patient with the same design; chains run one after another, which measured faster on CPU
-than vmapping them, see README). Diagnostics:
+every patient with the same design). One patient's chains run one after another; many patients
+with one design (the coverage check) run as one vectorised batch (:func:`run_nuts_batch`), where
+a forward-mode gradient costs about half as much per member (``benchmarks/twin_gradient.py
+--batch``). Diagnostics:
 split R-hat, bulk ESS, divergences (ArviZ); :func:`diagnose` refuses to predict when any fails
 its threshold or when the posterior does not reproduce the data (prior-data conflict).
 
@@ -522,6 +524,31 @@ def starting_points(z: np.ndarray, d_at_reads: np.ndarray, patient: PatientData,
     return z[top[np.arange(k) % len(top)]]
 
 
+def _chain_keys(seed: int, chains: int) -> list[tuple[jax.Array, jax.Array]]:
+    """(init key, run key) of each chain of a fit seeded ``seed`` (the same for one patient fitted
+    alone or in a batch)."""
+    key = jax.random.PRNGKey(seed)
+    out = []
+    for _ in range(chains):
+        key, k_init, k_run = jax.random.split(key, 3)
+        out.append((k_init, k_run))
+    return out
+
+
+def _chain_start(simulator, k_init, inits, c: int, init_radius: float) -> jax.Array:
+    if inits is not None:
+        return jnp.asarray(inits[c], dtype=float)
+    return jax.random.uniform(k_init, (simulator.dim,), minval=-init_radius, maxval=init_radius, dtype=float)
+
+
+def _chains_from_traces(traces: list, warmup: int, seconds: float) -> Chains:
+    """Stack per-chain traces (z, diverging, steps, potential, accept, step size) into :class:`Chains`."""
+    z = np.stack([o[0][warmup:] for o in traces])
+    return Chains(z, np.stack([o[1][warmup:] for o in traces]), np.stack([o[2][warmup:] for o in traces]),
+                  np.stack([o[3][warmup:] for o in traces]), np.array([o[5][-1] for o in traces]),
+                  np.stack([o[2][:warmup] for o in traces]), seconds)
+
+
 def run_nuts(simulator, data: FitData, *, chains: int = 2, warmup: int = 100, samples: int = 100, seed: int = 0,
              max_tree_depth: int = 4, target_accept: float = 0.8, init_radius: float = 0.5,
              progress: Callable[[str], None] | None = None, report_every: int = 0,
@@ -529,23 +556,52 @@ def run_nuts(simulator, data: FitData, *, chains: int = 2, warmup: int = 100, sa
     """``chains`` NUTS chains one after another (one compile); chain c starts at ``inits[c]``, or
     without ``inits`` at a uniform draw in [-init_radius, init_radius]^D around the population
     median."""
-    key = jax.random.PRNGKey(seed)
     tree = data.tree()
     out = []
     t0 = time.perf_counter()
-    for c in range(chains):
-        key, k_init, k_run = jax.random.split(key, 3)
-        z0 = (jnp.asarray(inits[c], dtype=float) if inits is not None else
-              jax.random.uniform(k_init, (simulator.dim,), minval=-init_radius, maxval=init_radius, dtype=float))
+    for c, (k_init, k_run) in enumerate(_chain_keys(seed, chains)):
+        z0 = _chain_start(simulator, k_init, inits, c, init_radius)
         trace = _run_chain(k_run, z0, tree, simulator=simulator, warmup=warmup, samples=samples,
                            max_tree_depth=max_tree_depth, target_accept=target_accept, report_every=report_every)
         out.append(jax.tree_util.tree_map(np.asarray, trace))
         if progress:
             progress(f"chain {c + 1}/{chains} done ({time.perf_counter() - t0:.0f} s)")
-    z = np.stack([o[0][warmup:] for o in out])
-    return Chains(z, np.stack([o[1][warmup:] for o in out]), np.stack([o[2][warmup:] for o in out]),
-                  np.stack([o[3][warmup:] for o in out]), np.array([o[5][-1] for o in out]),
-                  np.stack([o[2][:warmup] for o in out]), time.perf_counter() - t0)
+    return _chains_from_traces(out, warmup, time.perf_counter() - t0)
+
+
+def run_nuts_batch(simulator, datas: Sequence[FitData], seeds: Sequence[int], *, chains: int = 2,
+                   warmup: int = 100, samples: int = 100, max_tree_depth: int = 4, target_accept: float = 0.8,
+                   init_radius: float = 0.5, inits: Sequence[np.ndarray] | None = None) -> list[Chains]:
+    """Several patients' fits in one vectorised run: every chain of every patient is one member of
+    a ``jax.vmap`` over the compiled chain (the patients must share a design: the same read days,
+    lesions and history, so their data stack). Patient ``p`` with seed ``seeds[p]`` gets the chain
+    keys and starts :func:`run_nuts` would give it. On CPU a batched forward-mode gradient costs
+    about half as much per member as one alone (``benchmarks/RESULTS.md``), which is what the
+    coverage check over many synthetic patients needs; a single patient's fit stays sequential.
+
+    Run it with ``EQX_ON_ERROR=nan`` in the environment (set before Equinox is imported; the
+    coverage script does): members of a vmapped adaptive solve that have finished keep stepping on
+    stale values, and a NaN there would trip Equinox's runtime checks for the whole batch."""
+    if len(datas) != len(seeds) or not datas:
+        raise ValueError(f"run_nuts_batch: {len(datas)} data sets and {len(seeds)} seeds (need equal, at least one)")
+    trees = [d.tree() for d in datas]
+    shapes = {str(jax.tree_util.tree_map(jnp.shape, t)) for t in trees}
+    if len(shapes) != 1:
+        raise ValueError("run_nuts_batch: the patients' designs differ (read days, lesions or schedule); fit them apart")
+    keys, z0s, members = [], [], []
+    for p, seed in enumerate(seeds):
+        for c, (k_init, k_run) in enumerate(_chain_keys(seed, chains)):
+            keys.append(k_run)
+            z0s.append(_chain_start(simulator, k_init, None if inits is None else inits[p], c, init_radius))
+            members.append(trees[p])
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *members)
+    run = functools.partial(_run_chain, simulator=simulator, warmup=warmup, samples=samples,
+                            max_tree_depth=max_tree_depth, target_accept=target_accept)
+    t0 = time.perf_counter()
+    traces = jax.tree_util.tree_map(np.asarray, jax.jit(jax.vmap(run))(jnp.stack(keys), jnp.stack(z0s), stacked))
+    seconds = (time.perf_counter() - t0) / len(datas)
+    per_member = [jax.tree_util.tree_map(lambda x, m=m: x[m], traces) for m in range(len(members))]
+    return [_chains_from_traces(per_member[p * chains:(p + 1) * chains], warmup, seconds) for p in range(len(datas))]
 
 
 def inference_data(chains: Chains, simulator, patient: PatientData):

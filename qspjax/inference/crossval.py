@@ -7,7 +7,10 @@ protocol, so leaving out single arms would leak). On the library route
 (:mod:`qspjax.inference.library`) this is cheap: the per-patient outcomes of every arm are already
 simulated, so each fold is one NUTS run on the reweighted likelihood of the remaining arms, and
 the held-out arms are predicted by reweighting their own library patients at the fold's
-posterior draws (:func:`qspjax.inference.library.predictive_table`).
+posterior draws (:func:`qspjax.inference.library.predictive_table`). The folds share one compiled
+sampler (:func:`qspjax.inference.library.subset_sampler`): each samples the whole library's model
+with the held-out trial's arms weighted 0, which is the model of the training arms exactly (a
+test checks the log density), so a fold costs its sampling, not a compilation.
 
 Each row says which trial was held out, the observed ORR and its exact interval, the predicted ORR
 (posterior median of the reweighted cohort mean) and its interval over draws, whether the
@@ -38,6 +41,12 @@ def trial_folds(arm_ids: Sequence[str]) -> list[tuple[str, list[str], list[str]]
         raise QSPValidationError("cross-validation", "arms", list(arm_ids),
                                  "arms of at least two trials (each fold fits the others)")
     return [(t, [a for a in arm_ids if trial_of(a) != t], [a for a in arm_ids if trial_of(a) == t]) for t in trials]
+
+
+def fold_weights(arm_ids: Sequence[str], train: Sequence[str]) -> np.ndarray:
+    """1 for each arm of ``arm_ids`` that a fold fits (``train``), 0 for the held-out ones."""
+    keep = set(train)
+    return np.array([1.0 if a in keep else 0.0 for a in arm_ids])
 
 
 def subset_library(library, arm_ids: Sequence[str]):
@@ -71,16 +80,21 @@ def cross_validate(library, arms: Sequence, priors, params, spec, key, *, settin
     rows: list[dict] = list(done)
     finished = {r["held_out_trial"] for r in done}
     folds = trial_folds(library.arm_ids)
+    # every fold samples the whole library's model with the held-out trial's arms weighted 0: the
+    # same posterior as a model of the training arms alone, from one compiled program
+    full = None
     for k, (trial, train, test) in enumerate(folds):
         if trial in finished or (trials is not None and trial not in trials) or not any(_has_orr(by_id[a]) for a in test):
             continue  # done in an interrupted run, or nothing to predict (e.g. a pathology-only arm)
-        m = None if fixed_ess is None else [fixed_ess[a] for a in train]
-        fit = L.LibraryModel(subset_library(library, train), [by_id[a] for a in train], priors, params, spec, settings,
-                             fixed_ess=m, min_ess=min_ess)
-        mcmc = L.run_nuts(fit, jax.random.fold_in(key, k), chains=chains, warmup=warmup, samples=samples,
-                          max_tree_depth=max_tree_depth)
-        draws = L.posterior_matrix(mcmc, fit)
-        diag = _diagnostics(mcmc, fit)
+        if full is None:
+            m = None if fixed_ess is None else [fixed_ess[a] for a in library.arm_ids]
+            full = L.LibraryModel(library, [by_id[a] for a in library.arm_ids], priors, params, spec, settings,
+                                  fixed_ess=m, min_ess=min_ess)
+            sample = L.subset_sampler(full, chains=chains, warmup=warmup, samples=samples,
+                                      max_tree_depth=max_tree_depth)
+        mcmc = sample(jax.random.fold_in(key, k), fold_weights(library.arm_ids, train))
+        draws = L.posterior_matrix(mcmc, full)
+        diag = _diagnostics(mcmc, full)
         held = L.LibraryModel(subset_library(library, test), [by_id[a] for a in test], priors, params, spec, settings)
         for r in L.predictive_table(held, draws, n_draws=n_draws):
             rows.append({"id": r["arm_id"], "role": "cross_validated", "held_out_trial": trial,
@@ -94,9 +108,6 @@ def cross_validate(library, arms: Sequence, priors, params, spec, key, *, settin
                      f"R-hat max {diag['fold_rhat_max']:.3f}, divergences {diag['fold_divergences']}")
         if on_fold is not None:
             on_fold(rows, k + 1, len(folds))
-        # each fold compiles its own NUTS program: a long run that keeps them all dies of LLVM's
-        # "Cannot allocate memory" at the memory-map limit (it did after 17 of 23 folds)
-        jax.clear_caches()
     return rows
 
 

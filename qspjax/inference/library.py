@@ -1039,18 +1039,22 @@ class LibraryModel:
             out.append(ll)
         return jnp.stack(out)
 
-    def _log_likelihood(self, theta):
-        return jnp.sum(self.arm_log_likelihoods(self._predict(theta)))
+    def _log_likelihood(self, theta, arm_weights=None):
+        """Sum of the arms' log-likelihoods; ``arm_weights`` (A,) of 0/1 keeps a subset of the arms
+        (a cross-validation fold: :func:`subset_sampler`), the same value as a model of those arms."""
+        ll = self.arm_log_likelihoods(self._predict(theta))
+        return jnp.sum(ll if arm_weights is None else arm_weights * ll)
 
-    def support_log_penalty(self, theta) -> jax.Array:
+    def support_log_penalty(self, theta, arm_weights=None) -> jax.Array:
         """0 where every arm's weights keep at least ``min_ess`` effective patients, else a steep
         half-normal wall in log ESS (width ``SUPPORT_WIDTH``): the posterior restricted to where the
-        library supports the reweighted likelihood (see :attr:`min_ess`)."""
+        library supports the reweighted likelihood (see :attr:`min_ess`). ``arm_weights``: as in
+        :meth:`_log_likelihood` (only the kept arms' support counts)."""
         if self.min_ess is None:
             return jnp.asarray(0.0)
         log_ess = jnp.log(jnp.stack([a.ess for a in self._predict(theta)]))
         short = jnp.maximum(math.log(self.min_ess) - log_ess, 0.0) / SUPPORT_WIDTH
-        return -0.5 * jnp.sum(short * short)
+        return -0.5 * jnp.sum(short * short if arm_weights is None else arm_weights * short * short)
 
     def _log_posterior(self, theta):
         return self._log_prior(theta) + self._log_likelihood(theta) + self.support_log_penalty(theta)
@@ -1092,16 +1096,18 @@ class LibraryModel:
 # ---------------------------------------------------------------------------------------------
 # NUTS
 # ---------------------------------------------------------------------------------------------
-def numpyro_model(model: LibraryModel) -> None:
-    """Priors on the unconstrained parameters (one site per id) plus the reweighted log-likelihood."""
+def numpyro_model(model: LibraryModel, arm_weights=None) -> None:
+    """Priors on the unconstrained parameters (one site per id) plus the reweighted log-likelihood
+    (of the arms ``arm_weights`` keeps, or of all)."""
     import numpyro
     import numpyro.distributions as dist
 
     mu, sd = model.prior_means(), model.prior_sds()
     theta = jnp.stack([numpyro.sample(pid, dist.Normal(float(m), float(s))) for pid, m, s in zip(model.ids, mu, sd)])
-    numpyro.factor("log_likelihood", model.log_likelihood(theta))
+    numpyro.factor("log_likelihood", model.log_likelihood(theta) if arm_weights is None
+                   else model._log_likelihood(theta, arm_weights))
     if model.min_ess is not None:
-        numpyro.factor("library_support", model.support_log_penalty(theta))
+        numpyro.factor("library_support", model.support_log_penalty(theta, arm_weights))
 
 
 def run_nuts(model: LibraryModel, key, chains: int = 4, warmup: int = 500, samples: int = 500,
@@ -1117,6 +1123,33 @@ def run_nuts(model: LibraryModel, key, chains: int = 4, warmup: int = 500, sampl
                 progress_bar=progress)
     mcmc.run(key, model, extra_fields=("diverging", "num_steps"))
     return mcmc
+
+
+def subset_sampler(model: LibraryModel, chains: int = 4, warmup: int = 500, samples: int = 500,
+                   target_accept: float = 0.9, max_tree_depth: int = 8):
+    """One compiled NUTS program for fits to subsets of ``model``'s arms: ``run(key, weights)``
+    samples the posterior given the arms whose ``weights`` (A,) are 1, exactly the posterior of a
+    model built on those arms alone (:meth:`LibraryModel._log_likelihood`), and returns the numpyro
+    ``MCMC``. The weights are a traced argument (numpyro's ``jit_model_args``), so every fold of a
+    cross-validation reuses the first fold's compilation instead of compiling its own."""
+    import functools
+
+    from numpyro.infer import MCMC, NUTS
+    from numpyro.infer.initialization import init_to_uniform
+
+    kernel = NUTS(functools.partial(numpyro_model, model), target_accept_prob=target_accept,
+                  max_tree_depth=max_tree_depth, init_strategy=init_to_uniform(radius=0.5))
+    mcmc = MCMC(kernel, num_warmup=warmup, num_samples=samples, num_chains=chains, chain_method="vectorized",
+                progress_bar=False, jit_model_args=True)
+
+    def run(key, weights):
+        w = jnp.asarray(weights, dtype=float)
+        if w.shape != (len(model.arms),):
+            raise ValueError(f"subset_sampler: {w.shape} arm weights for {len(model.arms)} arms")
+        mcmc.run(key, w, extra_fields=("diverging", "num_steps"))
+        return mcmc
+
+    return run
 
 
 def posterior_matrix(mcmc, model: LibraryModel) -> np.ndarray:
