@@ -173,7 +173,7 @@ def main(args) -> dict:
     indices = list(range(args.start, args.start + count))
     for b in range(0, len(indices), max(args.batch, 1)):
         t0 = time.perf_counter()
-        todo = []  # (index, rng, full reads, true diameters, fit mask, patient, data, inits)
+        todo = []  # (index, rng, all reads, true diameters, fit mask, fit data, chain starts)
         for i in indices[b:b + max(args.batch, 1)]:
             prng = np.random.default_rng([args.seed, i])
             full, true_d, ok = twin.synthetic_patient(sim, z_all[i], history, all_days, (0, 1), prng, pdl1)
